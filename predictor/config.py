@@ -84,7 +84,7 @@ class ModelConfig:
 class CVConfig:
     folds: int = 5
     repeats: int = 2
-    permutations: int = 100
+    permutations: int = 200
     bootstrap: int = 1000
     threshold_rule: str = "youden"  # or "sensitivity:0.8"
 

@@ -112,10 +112,10 @@ class FeatureSet:
 
 def clean_sample(path: str, panel: Panel) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row)."""
-    sample = read_fcs(path)
+    sample = read_fcs(path, warn=False)  # quirks go to the QC table instead
     raw = apply_panel(sample, panel)
     result = cleanup(raw, panel)
-    return result.cells, dict(result.qc)
+    return result.cells, {**result.qc, "quirks": "; ".join(sample.quirks)}
 
 
 def _pass1(job: tuple[str, str, Panel, int, int]) -> tuple[str, pd.DataFrame, dict[str, Any]]:

@@ -120,6 +120,7 @@ def save_bundle(
     oof: pd.DataFrame,
     metrics: dict[str, Any],
     experiment: dict[str, Any],
+    tables: dict[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write a new version of bundle ``name`` under ``models_dir`` (never overwrites).
 
@@ -133,6 +134,8 @@ def save_bundle(
         Feature metadata (index = feature names).
     info
         Threshold, calibration, MLflow run and the like, stored in ``bundle.json``.
+    tables
+        Extra tables written as ``<name>.csv`` (e.g. the training QC).
     """
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
@@ -156,6 +159,8 @@ def save_bundle(
         features.to_parquet(tmp / "features_train.parquet")
         oof.to_csv(tmp / "oof.csv")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+        for tname, table in (tables or {}).items():
+            table.to_csv(tmp / f"{tname}.csv", index=False)
         for attempt in range(1000):
             version = (_versions(root) or [0])[-1] + 1
             body = {
