@@ -210,6 +210,9 @@ def report_cmd(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for data, mlflow.db, mlruns/, models/, outputs.")] = Path("."),
     patients: Annotated[int, typer.Option(help="Training patients to simulate.")] = 60,
+    new_patients: Annotated[int, typer.Option(help="Held-out patients to score.")] = 12,
+    cells_per_sample: Annotated[int, typer.Option(help="Mean events per FCS file.")] = 4000,
+    permutations: Annotated[int | None, typer.Option(help="Label permutations of the AUROC test.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """The whole path on a simulated IL-7 cohort: simulate, gate, features, train, score, report."""
@@ -217,7 +220,8 @@ def demo(
     from predictor.model.tracking import ui_command
 
     t0 = time.perf_counter()
-    res = run_demo(workdir, n_patients=patients, seed=seed, progress=True)
+    res = run_demo(workdir, n_patients=patients, n_new=new_patients, cells_per_sample=cells_per_sample,
+                   seed=seed, permutations=permutations, progress=True)
     _print_training(res.experiment)
     _say(f"  cohort:      {res.cohort}")
     _say(f"  scores:      {res.scores}")

@@ -203,8 +203,7 @@ def _build(section: str, cls: type, raw: dict[str, Any], base: Path, src: Path) 
     for key, value in raw.items():
         default = getattr(defaults, key)
         if isinstance(default, Path):
-            value = Path(value)
-            value = value if value.is_absolute() else (base / value)
+            value = Path(os.path.normpath(base / value))
         elif isinstance(default, tuple):
             if not isinstance(value, list):
                 _fail(f"[{section}] of {src}", key, "a list", value)
@@ -223,10 +222,10 @@ def _build(section: str, cls: type, raw: dict[str, Any], base: Path, src: Path) 
     # Paths left at their defaults are relative to the experiment file too.
     for name in known:
         if name not in kwargs and isinstance(getattr(defaults, name), Path):
-            kwargs[name] = base / getattr(defaults, name)
+            kwargs[name] = Path(os.path.normpath(base / getattr(defaults, name)))
     if section == "data" and "template" in kwargs and kwargs["template"] != "default":
         t = Path(kwargs["template"])
-        kwargs["template"] = str(t if t.is_absolute() else base / t)
+        kwargs["template"] = os.path.normpath(base / t)
     return cls(**kwargs)
 
 

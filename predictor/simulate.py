@@ -289,6 +289,9 @@ _IL7 = {
     "effect_sd": 0.35,  # log-sd of each effect's magnitude around r
 }
 
+# Latent immunosuppression (per patient, N(0, 1)): its loadings.
+_SUPPRESSION = {"treg_log_freq": 0.2, "mono_log_freq": 0.15, "pd1_logit": 0.4, "pd1_sd": 0.4}
+
 # Outcome model (see module docstring).
 _OUTCOME = {
     "intercept": 0.0,
@@ -450,7 +453,11 @@ def _patient_params(rng: np.random.Generator, arm: str) -> dict:
     log_freq = np.log(np.array(_BASE_FREQ)) + rng.normal(0.0, 1.0, _N_LEAF) * np.array(_FREQ_SD)
     shift = rng.normal(0.0, 0.12, size=(_N_LEAF, n_m))  # expression level shifts
     cyto_logit = rng.normal(0.0, 0.45, size=(_N_LEAF, len(_CYTOKINES)))
-    pd1_logit = rng.normal(0.0, 0.6)  # exhaustion propensity (baseline)
+    # A latent immunosuppressed state raises Tregs, monocytes and PD-1 together.
+    supp = float(rng.normal())
+    log_freq[2] += _SUPPRESSION["treg_log_freq"] * supp
+    log_freq[[9, 10, 11]] += _SUPPRESSION["mono_log_freq"] * supp
+    pd1_logit = _SUPPRESSION["pd1_logit"] * supp + rng.normal(0.0, _SUPPRESSION["pd1_sd"])
     week6_noise = {
         "log_freq": rng.normal(0.0, 0.1, _N_LEAF),
         "cyto_logit": rng.normal(0.0, 0.15, size=(_N_LEAF, len(_CYTOKINES))),
@@ -462,7 +469,7 @@ def _patient_params(rng: np.random.Generator, arm: str) -> dict:
     noncell_w6 = np.array(_NONCELL_FRAC) * np.exp(rng.normal(0.0, 0.25, 4))
     return {
         "arm": arm, "log_freq": log_freq, "shift": shift, "cyto_logit": cyto_logit,
-        "pd1_logit": pd1_logit, "week6_noise": week6_noise, "r": r,
+        "pd1_logit": pd1_logit, "week6_noise": week6_noise, "r": r, "suppression": supp,
         "effects": effects if arm == "IL-7" else dict.fromkeys(effects, 0.0),
         "noncell": {"baseline": noncell, "week6": noncell_w6},
     }
@@ -730,11 +737,13 @@ def _driver_value(stats: dict, term: dict, pid: str) -> float:
     return _stat(stats, term, pid, "week6") - _stat(stats, term, pid, "baseline")
 
 
-def _standardise(values: np.ndarray, scope: np.ndarray) -> tuple[float, float]:
+def _standardise(values: np.ndarray, scope: np.ndarray, arm: str) -> tuple[float, float]:
+    """Centre and scale of a driver: z-score over all patients for prognostic terms; for
+    IL-7 terms centre 0 (no change, no benefit) and the root mean square over the IL-7 arm."""
     v = values[scope]
-    centre = float(np.mean(v))
-    scale = float(np.std(v)) or 1.0
-    return centre, scale
+    if arm == "IL-7":
+        return 0.0, float(np.sqrt(np.mean(v**2))) or 1.0
+    return float(np.mean(v)), float(np.std(v)) or 1.0
 
 
 def _expected_auroc(score: np.ndarray, p: np.ndarray) -> float:
@@ -769,7 +778,7 @@ def _outcomes(stats: dict, pids: list[str], arms: np.ndarray,
         info = dict(term)
         for k, tm in enumerate(terms):
             v = np.array([_driver_value(stats, tm, pid) for pid in pids])
-            centre, scale = _standardise(v, scopes[term["arm"]])
+            centre, scale = _standardise(v, scopes[term["arm"]], term["arm"])
             zs.append((v - centre) / scale)
             key = "" if k == 0 else "with_"
             info[f"{key}centre"], info[f"{key}scale"] = centre, scale
@@ -986,6 +995,7 @@ def _truth(*, seed, n_patients, cells_per_sample, n_batches, design, pids, param
         patients.append({
             **entry, "batch": f"B{int(design['batches'][i]) + 1}",
             "il7_responsiveness": pr["r"], "il7_effects": pr["effects"],
+            "suppression": pr["suppression"],
         })
     return {
         "description": "Synthetic IL-7 after sipuleucel-T cohort; see predictor.simulate.",
@@ -997,7 +1007,7 @@ def _truth(*, seed, n_patients, cells_per_sample, n_batches, design, pids, param
                                                 _BASE_FREQ, strict=True)),
             "noncell_fraction": dict(zip(["bead", "debris", "dead", "doublet"],
                                          _NONCELL_FRAC, strict=True)),
-            "il7_effects": _IL7, "outcome": _OUTCOME,
+            "il7_effects": _IL7, "suppression": _SUPPRESSION, "outcome": _OUTCOME,
             "batch_drift": {f"B{b + 1}": dict(zip([p[1] for p in _PANEL],
                                                    design["drift"][b], strict=True))
                             for b in range(n_batches)},

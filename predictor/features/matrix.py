@@ -30,11 +30,29 @@ _FREQ = ("count", "pct_parent", "pct_live")
 _PSEUDO = {"count": 1.0, "pct_parent": 0.1, "pct_live": 0.01}
 
 
-def feature_name(population: str, marker: str, statistic: str, condition: str, timepoint: str) -> str:
-    """Readable feature name, e.g. ``CD8 T | IFNg | frac+ | stim | Δweek6``."""
+def feature_name(
+    population: str,
+    marker: str,
+    statistic: str,
+    condition: str,
+    timepoint: str,
+    *,
+    baseline: str | None = None,
+) -> str:
+    """Readable feature name, e.g. ``CD8 T | IFNg | frac+ | stim | Δweek6``.
+
+    A timepoint contrast ``<on>-<baseline>`` is shown as ``Δ<on>``. Pass ``baseline`` when
+    the labels may contain ``-`` themselves (``day-0``), so that the contrast is recognised by
+    its baseline suffix rather than by the first ``-``.
+    """
     parts = [population] + ([marker] if marker else []) + [_STAT_LABEL.get(statistic, statistic)]
     parts.append(condition)
-    parts.append(timepoint if "-" not in timepoint else "Δ" + timepoint.split("-")[0])
+    if baseline is not None:
+        suffix = f"-{baseline}"
+        is_delta = timepoint.endswith(suffix) and len(timepoint) > len(suffix)
+        parts.append("Δ" + timepoint[: -len(suffix)] if is_delta else timepoint)
+    else:
+        parts.append(timepoint if "-" not in timepoint else "Δ" + timepoint.split("-")[0])
     return " | ".join(parts)
 
 
@@ -101,7 +119,7 @@ def build_matrix(long: pd.DataFrame, cfg: FeatureConfig) -> tuple[pd.DataFrame, 
     meta_rows = []
     cols = {}
     for (pop, marker, stat, cond, tp), s in blocks.items():
-        name = feature_name(pop, marker, stat, cond, tp)
+        name = feature_name(pop, marker, stat, cond, tp, baseline=cfg.baseline)
         cols[name] = s.astype(float)
         meta_rows.append((name, pop, marker, stat, cond, tp))
     X = pd.DataFrame(cols)

@@ -35,7 +35,8 @@ def sample_statistics(
     statistics
         Any of ``count``, ``pct_parent``, ``pct_live``, ``median``, ``frac_pos``.
     frac_pos_threshold
-        Positivity threshold (arcsinh units), one for all markers or per marker.
+        Positivity threshold (arcsinh units), one for all markers or per marker (markers
+        without a threshold get NaN fractions).
     min_cells
         Populations with fewer cells give NaN medians and fractions, never numbers from a
         handful of cells (frequencies and counts are still reported).
@@ -59,7 +60,7 @@ def sample_statistics(
             if n >= min_cells:
                 sub = x[mask]
                 med = np.median(sub, axis=0)
-                frac = (sub > thr).mean(axis=0)
+                frac = np.where(np.isnan(thr), np.nan, (sub > thr).mean(axis=0))
             else:
                 med = frac = np.full(len(markers), np.nan)
             if want_median:

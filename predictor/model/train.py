@@ -104,10 +104,11 @@ def check_outcome(y: pd.Series, *, where: str = "the outcome", folds: int = 2) -
     if values.isna().any():
         bad = list(y.index[values.isna()][:5])
         raise TrainingError(f"{where}: missing or non-numeric outcome for patient(s) {bad}.")
+    if not values.isin([0, 1]).all():
+        bad = sorted(set(values[~values.isin([0, 1])].tolist()))[:5]
+        raise TrainingError(f"{where}: a binary outcome must be 0/1. Got values {bad}.")
     arr = values.to_numpy().astype(int)
     classes, counts = np.unique(arr, return_counts=True)
-    if set(classes) - {0, 1}:
-        raise TrainingError(f"{where}: a binary outcome must be 0/1. Got values {sorted(set(classes))}.")
     if len(classes) < 2:
         raise TrainingError(
             f"{where}: every patient has outcome {classes[0]}; a model needs both responders (1) "

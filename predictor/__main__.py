@@ -1,0 +1,5 @@
+"""``python -m predictor`` runs the command line."""
+
+from predictor.cli import run
+
+run()
