@@ -70,6 +70,8 @@ class FeatureSet:
     def save(self, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the tables (Parquet and CSV) and the gating (JSON) into ``out``, atomically."""
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"{out}: is a file, not a folder; choose another --out.")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise OutputExistsError(
                 f"{out}: folder exists and is not empty; choose another --out or pass --force."

@@ -32,7 +32,7 @@ import pandas as pd
 import xgboost as xgb
 
 from predictor.config import FeatureConfig
-from predictor.errors import BundleError
+from predictor.errors import BundleError, GatingError
 from predictor.io.panel import Panel, read_panel
 from predictor.populations.gating import Gating
 
@@ -204,9 +204,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         rows = json.loads((path / "schema.json").read_text())["features"]
         schema = pd.DataFrame(rows).set_index("name")
         gating = Gating.from_dict(json.loads((path / "gating.json").read_text()))
-    except (json.JSONDecodeError, KeyError, xgb.core.XGBoostError) as exc:
+        fc = meta.get("feature_config", {})
+        feature_config = FeatureConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in fc.items()}
+        )
+    except (
+        json.JSONDecodeError, KeyError, TypeError, AttributeError, GatingError,
+        xgb.core.XGBoostError,
+    ) as exc:
         raise BundleError(f"{path}: corrupt bundle ({exc}).") from None
-    fc = meta.get("feature_config", {})
-    fc = {k: tuple(v) if isinstance(v, list) else v for k, v in fc.items()}
     booster.feature_names = list(schema.index)
-    return Bundle(path, meta, booster, schema, gating, read_panel(path / "panel.csv"), FeatureConfig(**fc))
+    return Bundle(path, meta, booster, schema, gating, read_panel(path / "panel.csv"), feature_config)

@@ -83,7 +83,8 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     """Highest threshold whose sensitivity on ``p`` is at least ``target``."""
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, thr = roc_curve(y, p)
+    # every threshold: dropping "intermediate" points could skip the highest one that qualifies
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     ok = np.flatnonzero(tpr >= target)
     return float(min(max(thr[ok[0]], 0.0), 1.0))
 

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,12 +84,14 @@ def select_features(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 
 
 def _fit(X: np.ndarray, y: np.ndarray, cfg: ModelConfig, seed: int, nthread: int = 1) -> xgb.Booster:
-    dtrain = xgb.DMatrix(X, label=y, missing=np.nan)
+    # DMatrix too gets ``nthread``: its default (all cores) oversubscribes the worker processes
+    # and costs ~20 ms per small matrix on a busy machine, which dominates the permutation test.
+    dtrain = xgb.DMatrix(X, label=y, missing=np.nan, nthread=nthread)
     return xgb.train(xgb_params(cfg, seed, nthread=nthread), dtrain, num_boost_round=cfg.n_estimators)
 
 
 def _predict(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
-    return booster.predict(xgb.DMatrix(X, missing=np.nan))
+    return booster.predict(xgb.DMatrix(X, missing=np.nan, nthread=1))
 
 
 def calibrate(p: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -142,13 +144,19 @@ def _oof_xgb(X, y, folds, cfg, seed) -> np.ndarray:
     return out
 
 
-def _perm_aurocs(X, y, folds, cfg, seed, perm_seeds) -> list[float]:
-    """Null AUROCs: the first repeat's CV rerun on permuted outcomes, one per seed."""
-    first = [f for f in folds if f[0] == 0]
+def _perm_aurocs(X, y, groups, cv, cfg, seed, perm_seeds) -> list[float]:
+    """Null AUROCs: the first repeat's CV rerun on permuted outcomes, one per seed.
+
+    The folds are drawn again for each permutation, stratified on the permuted outcome as the
+    observed CV is on the real one: the real folds leave the permuted classes unbalanced
+    between folds, which biases the null AUROC low and the p-value with it.
+    """
+    first = replace(cv, repeats=1)
     out = []
     for ps in perm_seeds:
         yp = np.random.default_rng(ps).permutation(y)
-        out.append(float(roc_auc_score(yp, _oof_xgb(X, yp, first, cfg, seed)[:, 0])))
+        folds = make_folds(yp, groups, first, seed)
+        out.append(float(roc_auc_score(yp, _oof_xgb(X, yp, folds, cfg, seed)[:, 0])))
     return out
 
 
@@ -263,7 +271,8 @@ def train_model(
     seeds = [random_state + 7919 * (i + 1) for i in range(cv.permutations)]
     chunks = [c for c in np.array_split(np.array(seeds, dtype=np.int64), max(n_jobs, 1)) if c.size]
     parts = Parallel(n_jobs=min(n_jobs, len(chunks)) or 1)(
-        delayed(_perm_aurocs)(Xa, arr_y, folds, model, random_state, c.tolist()) for c in chunks
+        delayed(_perm_aurocs)(Xa, arr_y, groups, cv, model, random_state, c.tolist())
+        for c in chunks
     )
     null = np.array([v for part in parts for v in part])
     p_value = float((1 + (null >= observed).sum()) / (1 + null.size)) if null.size else float("nan")

@@ -1,0 +1,276 @@
+"""Per-sample statistics, the patient × feature matrix with its contrasts, FeatureSet files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from predictor.config import FeatureConfig
+from predictor.errors import OutputExistsError
+from predictor.features import FeatureSet, build_matrix, feature_name, sample_statistics
+from predictor.features.matrix import META_COLUMNS
+
+# ------------------------------------------------------------------------------ statistics
+
+CELLS = pd.DataFrame(
+    {
+        "IFNg": [0.0, 2.0, 3.0, 4.0, 2.5, 0.5],
+        "TNFa": [5.0, 0.0, 0.0, 1.0, 3.0, 3.0],
+        "CD3": [9.0] * 6,
+    }
+)
+MEMBERSHIP = pd.DataFrame({"A": [1, 1, 1, 1, 0, 0], "B": [0, 0, 0, 0, 1, 1]}).astype(bool)
+POPS = pd.DataFrame(
+    {
+        "sample_id": "S1",
+        "population": ["A", "B"],
+        "parent": ["root", "A"],
+        "count": [4, 2],
+        "pct_parent": [66.7, 50.0],
+        "pct_live": [66.7, 33.3],
+    }
+)
+ALL_STATS = ("count", "pct_parent", "pct_live", "median", "frac_pos")
+
+
+def stats(**kw) -> pd.DataFrame:
+    args = {"markers": ["IFNg", "TNFa"], "statistics": ALL_STATS, "frac_pos_threshold": 2.0,
+            "min_cells": 2, **kw}
+    out = sample_statistics(CELLS, MEMBERSHIP, POPS, **args)
+    return out.set_index(["population", "marker", "statistic"])["value"]
+
+
+def test_sample_statistics_by_hand() -> None:
+    v = stats()
+    assert len(v) == 2 * 3 + 2 * 2 * 2
+    assert v[("A", "", "count")] == 4 and v[("B", "", "count")] == 2
+    assert v[("A", "", "pct_parent")] == 66.7 and v[("B", "", "pct_live")] == 33.3
+    # A: IFNg 0, 2, 3, 4 → median 2.5; TNFa 5, 0, 0, 1 → 0.5
+    assert v[("A", "IFNg", "median")] == 2.5 and v[("A", "TNFa", "median")] == 0.5
+    # strictly above 2.0: IFNg 3, 4 (2.0 itself is not positive); TNFa 5
+    assert v[("A", "IFNg", "frac_pos")] == 0.5 and v[("A", "TNFa", "frac_pos")] == 0.25
+    # B: IFNg 2.5, 0.5; TNFa 3, 3
+    assert v[("B", "IFNg", "median")] == 1.5 and v[("B", "TNFa", "median")] == 3.0
+    assert v[("B", "IFNg", "frac_pos")] == 0.5 and v[("B", "TNFa", "frac_pos")] == 1.0
+    assert ("A", "CD3", "median") not in v.index  # only the markers asked for
+
+
+def test_sample_statistics_per_marker_thresholds() -> None:
+    v = stats(frac_pos_threshold={"IFNg": 0.5, "TNFa": 4.0})
+    assert v[("A", "IFNg", "frac_pos")] == 0.75  # 2, 3, 4 > 0.5
+    assert v[("A", "TNFa", "frac_pos")] == 0.25  # 5 > 4
+    assert v[("B", "IFNg", "frac_pos")] == 0.5  # 2.5 > 0.5, 0.5 is not
+    # a marker without a threshold has no fraction, rather than a fraction of 0
+    v = stats(frac_pos_threshold={"IFNg": 0.5})
+    assert v[("A", "IFNg", "frac_pos")] == 0.75
+    assert np.isnan(v[("A", "TNFa", "frac_pos")]) and np.isnan(v[("B", "TNFa", "frac_pos")])
+    assert v[("A", "TNFa", "median")] == 0.5
+
+
+def test_sample_statistics_min_cells() -> None:
+    v = stats(min_cells=3)
+    assert np.isnan(v[("B", "IFNg", "median")]) and np.isnan(v[("B", "TNFa", "frac_pos")])
+    assert v[("B", "", "count")] == 2 and v[("B", "", "pct_parent")] == 50.0  # still reported
+    assert v[("A", "IFNg", "median")] == 2.5  # 4 cells ≥ 3
+    v = stats(min_cells=4)
+    assert v[("A", "IFNg", "median")] == 2.5  # exactly min_cells is enough
+    assert np.isnan(stats(min_cells=5)[("A", "IFNg", "median")])
+
+
+def test_sample_statistics_selects_statistics() -> None:
+    v = stats(statistics=("pct_live", "frac_pos"))
+    assert set(v.index.get_level_values("statistic")) == {"pct_live", "frac_pos"}
+    assert len(v) == 2 + 4
+
+
+# ------------------------------------------------------------------------------ matrix
+
+CFG = FeatureConfig()
+TP = {"b": "baseline", "w": "week6"}
+
+
+def long_table(values: dict, patients=("P1", "P2")) -> pd.DataFrame:
+    """values: (population, marker, statistic) → {patient: {(tp, cond): value}}."""
+    rows = []
+    for (pop, marker, stat), per_patient in values.items():
+        for pid in patients:
+            for (tp, cond), value in per_patient.get(pid, {}).items():
+                rows.append((pid, TP.get(tp, tp), cond, pop, marker, stat, value))
+    return pd.DataFrame(
+        rows, columns=["patient_id", "timepoint", "condition", "population", "marker",
+                       "statistic", "value"],
+    )
+
+
+def four(bu, bs, wu, ws) -> dict:
+    return {("b", "unstim"): bu, ("b", "stim"): bs, ("w", "unstim"): wu, ("w", "stim"): ws}
+
+
+LONG = long_table(
+    {
+        ("CD8 T", "", "pct_live"): {"P1": four(10.0, 99.0, 30.0, 99.0), "P2": four(20.0, 99.0, 5.0, 99.0)},
+        ("CD8 T", "IFNg", "median"): {"P1": four(1.0, 3.0, 1.5, 4.5), "P2": four(0.5, 0.7, 0.5, 2.0)},
+        ("CD8 T", "IFNg", "frac_pos"): {"P1": four(0.1, 0.4, 0.2, 0.9), "P2": four(0.0, 0.1, 0.05, 0.3)},
+        ("Rare", "", "count"): {"P1": four(0, 0, 3, 3), "P2": four(1, 1, 0, 0)},
+        ("Rare", "", "pct_parent"): {"P1": four(0.0, 0.0, 0.3, 0.3), "P2": four(0.1, 0.1, 0.0, 0.0)},
+        ("Rare", "", "pct_live"): {"P1": four(0.0, 0.0, 0.03, 0.03), "P2": four(0.01, 0.01, 0.0, 0.0)},
+        ("Rare", "IFNg", "median"): {p: four(*[np.nan] * 4) for p in ("P1", "P2")},
+    }
+)
+
+
+def col(X: pd.DataFrame, name: str) -> list[float]:
+    return X[name].round(12).tolist()
+
+
+def test_build_matrix_contrasts_by_hand() -> None:
+    X, meta = build_matrix(LONG, CFG)
+    assert list(X.index) == ["P1", "P2"] and X.index.name == "patient_id"
+    # frequencies: from the unstimulated sample (stim rows hold 99 and are ignored)
+    assert col(X, "CD8 T | % live | unstim | baseline") == [10.0, 20.0]
+    np.testing.assert_allclose(
+        X["CD8 T | % live | unstim | Δweek6"], np.log2([30.01 / 10.01, 5.01 / 20.01])
+    )
+    # pseudo-counts: count 1, % parent 0.1, % live 0.01 → 0 → 3, 0.3, 0.03 is log2(4) = 2
+    for stat in ("count", "% parent", "% live"):
+        np.testing.assert_allclose(X[f"Rare | {stat} | unstim | Δweek6"], [2.0, -1.0])
+    # medians: stim − unstim and week6 − baseline are differences
+    med = "CD8 T | IFNg | median"
+    assert col(X, f"{med} | unstim | baseline") == [1.0, 0.5]
+    assert col(X, f"{med} | stim | baseline") == [3.0, 0.7]
+    assert col(X, f"{med} | stim-unstim | baseline") == [2.0, 0.2]
+    assert col(X, f"{med} | unstim | Δweek6") == [0.5, 0.0]
+    assert col(X, f"{med} | stim | Δweek6") == [1.5, 1.3]
+    assert col(X, f"{med} | stim-unstim | Δweek6") == [1.0, 1.3]  # (4.5-1.5)-(3-1), (1.5)-(0.2)
+    frac = "CD8 T | IFNg | frac+"
+    assert col(X, f"{frac} | stim-unstim | baseline") == [0.3, 0.1]
+    assert col(X, f"{frac} | stim | Δweek6") == [0.5, 0.2]
+    assert col(X, f"{frac} | stim-unstim | Δweek6") == [0.4, 0.15]
+
+
+def test_build_matrix_feature_set_and_metadata() -> None:
+    X, meta = build_matrix(LONG, CFG)
+    conds = ["unstim", "stim", "stim-unstim"]
+    expected = {
+        f"CD8 T | IFNg | {s} | {c} | {t}"
+        for s in ("median", "frac+") for c in conds for t in ("baseline", "Δweek6")
+    }
+    expected |= {f"{p} | {s} | unstim | {t}" for p, s in [("CD8 T", "% live"), ("Rare", "count"),
+                 ("Rare", "% parent"), ("Rare", "% live")] for t in ("baseline", "Δweek6")}
+    assert set(X.columns) == expected  # Rare's all-NaN medians are dropped
+    assert len(X.columns) == len(expected)
+    assert list(meta.index) == list(X.columns) and list(meta.columns) == META_COLUMNS
+    assert meta.loc["CD8 T | IFNg | frac+ | stim | Δweek6"].tolist() == [
+        "CD8 T", "IFNg", "frac_pos", "stim", "week6-baseline"
+    ]
+    assert meta.loc["CD8 T | IFNg | median | stim-unstim | baseline"].tolist() == [
+        "CD8 T", "IFNg", "median", "stim-unstim", "baseline"
+    ]
+    assert meta.loc["Rare | % live | unstim | Δweek6"].tolist() == [
+        "Rare", "", "pct_live", "unstim", "week6-baseline"
+    ]
+    assert X.dtypes.eq(np.float64).all()
+
+
+def test_build_matrix_baseline_mode() -> None:
+    X, meta = build_matrix(LONG, FeatureConfig(mode="baseline"))
+    full, _ = build_matrix(LONG, CFG)
+    assert all(c.endswith("| baseline") for c in X.columns)
+    assert set(meta["timepoint"]) == {"baseline"}
+    assert len(X.columns) == 3 + 3 + 4  # median ×3, frac+ ×3, four frequencies
+    pd.testing.assert_frame_equal(X, full[X.columns])
+
+
+def test_build_matrix_missing_sample_gives_nan_not_a_dropped_patient() -> None:
+    extra = LONG[LONG["patient_id"] == "P1"].copy()
+    extra["patient_id"] = "P0"
+    long = pd.concat([LONG, extra])
+    long = long[~((long["patient_id"] == "P0") & (long["timepoint"] == "week6")
+                  & (long["condition"] == "stim"))]
+    X, _ = build_matrix(long, CFG)
+    assert list(X.index) == ["P0", "P1", "P2"]
+    assert np.isnan(X.at["P0", "CD8 T | IFNg | median | stim | Δweek6"])
+    assert np.isnan(X.at["P0", "CD8 T | IFNg | median | stim-unstim | Δweek6"])
+    assert X.at["P0", "CD8 T | IFNg | median | unstim | Δweek6"] == 0.5
+    pd.testing.assert_series_equal(
+        X.loc["P0", [c for c in X.columns if c.endswith("baseline")]],
+        X.loc["P1", [c for c in X.columns if c.endswith("baseline")]],
+        check_names=False,
+    )
+
+
+def test_build_matrix_with_custom_labels_containing_hyphens() -> None:
+    long = LONG.replace({"timepoint": {"baseline": "day-0", "week6": "day-42"},
+                         "condition": {"unstim": "no-stim", "stim": "PMA-iono"}})
+    cfg = FeatureConfig(baseline="day-0", on_treatment="day-42", unstim="no-stim", stim="PMA-iono")
+    X, meta = build_matrix(long, cfg)
+    reference, _ = build_matrix(LONG, CFG)
+    assert X.columns.is_unique and meta.index.is_unique
+    assert X.shape == reference.shape
+    assert col(X, "CD8 T | IFNg | median | PMA-iono | day-0") == [3.0, 0.7]
+    assert col(X, "CD8 T | IFNg | median | PMA-iono | Δday-42") == [1.5, 1.3]
+    assert col(X, "CD8 T | IFNg | median | PMA-iono-no-stim | day-0") == [2.0, 0.2]
+    assert meta.loc["CD8 T | IFNg | median | PMA-iono | Δday-42", "timepoint"] == "day-42-day-0"
+
+
+def test_feature_name() -> None:
+    assert feature_name("CD8 T", "IFNg", "frac_pos", "stim", "week6-baseline") == (
+        "CD8 T | IFNg | frac+ | stim | Δweek6"
+    )
+    assert feature_name("NK", "", "pct_live", "unstim", "baseline") == "NK | % live | unstim | baseline"
+    assert feature_name("NK", "", "count", "unstim", "day-0", baseline="day-0") == (
+        "NK | count | unstim | day-0"
+    )
+    assert feature_name("NK", "", "count", "unstim", "day-7-day-0", baseline="day-0") == (
+        "NK | count | unstim | Δday-7"
+    )
+
+
+# ------------------------------------------------------------------------------ FeatureSet
+
+
+@pytest.fixture
+def feature_set(gating) -> FeatureSet:
+    X, meta = build_matrix(LONG, CFG)
+    return FeatureSet(
+        X=X,
+        meta=meta,
+        long=LONG.reset_index(drop=True),
+        populations=POPS,
+        qc=pd.DataFrame({"sample_id": ["S1", "S2"], "events": [1000, 900], "kept": [800, 700]}),
+        gating=gating,
+    )
+
+
+def test_feature_set_round_trip(tmp_path, feature_set) -> None:
+    out = feature_set.save(tmp_path / "features")
+    assert out == tmp_path / "features"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]  # no temporary left
+    back = FeatureSet.load(out)
+    pd.testing.assert_frame_equal(back.X, feature_set.X)
+    pd.testing.assert_frame_equal(back.meta, feature_set.meta)
+    pd.testing.assert_frame_equal(back.long, feature_set.long)
+    pd.testing.assert_frame_equal(back.populations, feature_set.populations)
+    pd.testing.assert_frame_equal(back.qc, feature_set.qc)
+    assert back.gating.to_dict() == feature_set.gating.to_dict()
+    csv = pd.read_csv(out / "features.csv", index_col=0)
+    np.testing.assert_allclose(csv.to_numpy(), feature_set.X.to_numpy())
+
+
+def test_feature_set_refuses_to_overwrite(tmp_path, feature_set) -> None:
+    out = tmp_path / "features"
+    out.mkdir()  # an empty folder is fine
+    feature_set.save(out)
+    with pytest.raises(OutputExistsError, match="folder exists and is not empty"):
+        feature_set.save(out)
+    smaller = FeatureSet(feature_set.X.iloc[:1], feature_set.meta, feature_set.long,
+                         feature_set.populations, feature_set.qc, feature_set.gating)
+    smaller.save(out, overwrite=True)
+    assert list(FeatureSet.load(out).X.index) == ["P1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+    (tmp_path / "features.csv").write_text("a file\n")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="is a file, not a folder"):
+            feature_set.save(tmp_path / "features.csv", overwrite=overwrite)
+    assert (tmp_path / "features.csv").read_text() == "a file\n"

@@ -1,0 +1,350 @@
+"""Gating templates, threshold fitting within parents, application and population tables."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from predictor.errors import GatingError
+from predictor.populations.gating import (
+    Gating,
+    GatingTemplate,
+    Term,
+    apply_gating,
+    fit_gating,
+    load_template,
+    otsu_threshold,
+    parse_rule,
+    population_table,
+)
+
+# Template populations → the synthetic cell types (conftest.CELL_TYPES) that belong to them.
+EXPECTED = {
+    "T cells": {"CD4 T", "CD8 T"},
+    "CD4 T": {"CD4 T"},
+    "CD8 T": {"CD8 T"},
+    "NK": {"CD56bright NK", "CD56dim NK"},
+    "CD56bright NK": {"CD56bright NK"},
+    "CD56dim NK": {"CD56dim NK"},
+    "B cells": {"B cells"},
+    "Monocytes": {"Classical mono", "Intermediate mono", "Non-classical mono"},
+    "Classical mono": {"Classical mono"},
+    "Intermediate mono": {"Intermediate mono"},
+    "Non-classical mono": {"Non-classical mono"},
+    "DC": {"DC"},
+}
+
+
+def template(*pops: tuple[str, str, str], thresholds: dict | None = None) -> GatingTemplate:
+    raw = {"name": "t", "populations": [{"name": n, "parent": p, "rule": r} for n, p, r in pops]}
+    if thresholds is not None:
+        raw["thresholds"] = thresholds
+    return GatingTemplate.from_dict(raw)
+
+
+# ------------------------------------------------------------------------------ rules
+
+
+@pytest.mark.parametrize(
+    ("token", "marker", "positive"),
+    [
+        ("CD3+", "CD3", True),
+        ("CD3-", "CD3", False),
+        ("CD4++", "CD4", True),
+        ("CD14hi", "CD14", True),
+        ("CD14high", "CD14", True),
+        ("CD56bright", "CD56", True),
+        ("CD3pos", "CD3", True),
+        ("CD127lo", "CD127", False),
+        ("CD127low", "CD127", False),
+        ("CD56dim", "CD56", False),
+        ("CD3neg", "CD3", False),
+        ("HLA-DR+", "HLA-DR", True),
+        ("HLA-DR-", "HLA-DR", False),
+    ],
+)
+def test_parse_rule_signs_and_aliases(token, marker, positive) -> None:
+    assert parse_rule(token) == (Term((marker,), positive, False, token),)
+
+
+def test_parse_rule_alternatives_optional_and_order() -> None:
+    terms = parse_rule("CD3- ?CD19-|CD20- CD14+|CD16+  ?TCRgd-")
+    assert terms == (
+        Term(("CD3",), False, False, "CD3-"),
+        Term(("CD19", "CD20"), False, True, "?CD19-|CD20-"),
+        Term(("CD14", "CD16"), True, False, "CD14+|CD16+"),
+        Term(("TCRgd",), False, True, "?TCRgd-"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("CD3", "cannot read 'CD3'"),
+        ("CD3+ CD19", "cannot read 'CD19'"),
+        ("+", "cannot read '+'"),
+        ("?", "cannot read '?'"),
+        ("CD3+|", "cannot read ''"),
+        ("CD19+|CD20-", "must share one sign"),
+        ("", "empty rule"),
+        ("   ", "empty rule"),
+    ],
+)
+def test_parse_rule_errors(rule, message) -> None:
+    with pytest.raises(GatingError, match=re.escape(message)) as info:
+        parse_rule(rule, where="my.yaml, population 2")
+    assert str(info.value).startswith("my.yaml, population 2: ")
+
+
+# ------------------------------------------------------------------------------ templates
+
+
+def test_template_from_dict_errors() -> None:
+    with pytest.raises(GatingError, match="is not defined above it"):
+        template(("CD4 T", "T cells", "CD4+"), ("T cells", "root", "CD3+"))
+    with pytest.raises(GatingError, match="'T cells' defined twice"):
+        template(("T cells", "root", "CD3+"), ("T cells", "root", "CD3+ CD4+"))
+    with pytest.raises(GatingError, match="'root' defined twice"):
+        template(("root", "root", "CD3+"))
+    with pytest.raises(GatingError, match="population 2: needs name, parent and rule"):
+        GatingTemplate.from_dict({"populations": [
+            {"name": "A", "parent": "root", "rule": "CD3+"}, {"name": "B", "parent": "A"}]})
+    with pytest.raises(GatingError, match="needs a 'populations' list"):
+        GatingTemplate.from_dict({"name": "x"}, source="x.yaml")
+    with pytest.raises(GatingError, match="population 1: cannot read 'CD3'"):
+        template(("T cells", "root", "CD3"))
+
+
+def test_template_to_dict_round_trip() -> None:
+    t = template(("A", "root", "CD3+ ?CD19-"), ("B", "A", "CD4hi"), thresholds={"CD3": 2})
+    back = GatingTemplate.from_dict(t.to_dict())
+    assert back.populations == t.populations
+    assert back.thresholds == {"CD3": 2.0}
+
+
+def test_load_default_template() -> None:
+    t = load_template("default")
+    names = [p.name for p in t.populations]
+    assert len(names) == 20 and len(set(names)) == 20
+    assert names[:4] == ["T cells", "gd T", "CD4 T", "CD8 T"]
+    parents = {p.name: p.parent for p in t.populations}
+    assert parents["Treg"] == "CD4 T" and parents["pDC"] == "DC" and parents["NK"] == "root"
+    for p in t.populations:  # parents come first
+        assert p.parent == "root" or names.index(p.parent) < names.index(p.name)
+    b = next(p for p in t.populations if p.name == "B cells")
+    assert b.terms[1].markers == ("CD19", "CD20") and b.terms[1].positive
+
+
+def test_load_template_from_file_and_errors(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\npopulations:\n  - {name: T, parent: root, rule: CD3+}\n")
+    t = load_template(path)
+    assert t.name == "mine" and t.source == str(path) and t.populations[0].terms[0].markers == ("CD3",)
+    with pytest.raises(GatingError, match="gating template not found"):
+        load_template(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("populations: [unclosed\n")
+    with pytest.raises(GatingError, match="not valid YAML"):
+        load_template(bad)
+
+
+# ------------------------------------------------------------------------------ Otsu
+
+
+def test_otsu_bimodal_lands_between_modes() -> None:
+    rng = np.random.default_rng(0)
+    v = np.r_[rng.normal(0.5, 0.4, 3000), rng.normal(4.0, 0.4, 1000)]
+    t, eff = otsu_threshold(v)
+    assert 1.5 < t < 3.0
+    assert eff > 0.85
+    # the threshold separates the modes almost perfectly
+    assert (v[:3000] <= t).mean() > 0.99 and (v[3000:] > t).mean() > 0.99
+
+
+def test_otsu_unimodal_is_less_effective() -> None:
+    rng = np.random.default_rng(1)
+    _, eff_uni = otsu_threshold(rng.normal(2.0, 0.5, 4000))
+    _, eff_bi = otsu_threshold(np.r_[rng.normal(0, 0.5, 2000), rng.normal(4, 0.5, 2000)])
+    assert eff_uni < 0.7  # a Gaussian gives 2/π ≈ 0.64
+    assert eff_bi > 0.9
+    assert eff_uni < eff_bi - 0.2
+
+
+def test_otsu_degenerate_input() -> None:
+    assert otsu_threshold(np.full(100, 3.0))[1] == 0.0
+    assert np.isnan(otsu_threshold(np.full(100, 3.0))[0])
+    assert np.isnan(otsu_threshold(np.array([1.0, 5.0] * 4))[0])  # fewer than 10 values
+    t, _ = otsu_threshold(np.r_[np.zeros(50), np.full(50, 4.0), [np.nan, np.inf]])
+    assert 0.0 < t <= 4.0  # non-finite values ignored
+
+
+# ------------------------------------------------------------------------------ fit + apply
+
+
+def test_default_template_recovers_known_populations(make_pbmc, gating) -> None:
+    cells, labels = make_pbmc(4000, seed=11)
+    membership = apply_gating(gating, cells)
+    assert list(membership.columns) == gating.populations
+    assert set(gating.populations) == set(EXPECTED)
+    for pop, types in EXPECTED.items():
+        truth = labels.isin(types).to_numpy()
+        got = membership[pop].to_numpy()
+        recall = (got & truth).sum() / truth.sum()
+        precision = (got & truth).sum() / max(got.sum(), 1)
+        assert recall >= 0.95 and precision >= 0.95, (pop, recall, precision)
+    # children are subsets of their parents
+    for pop in gating.populations:
+        parent = gating.parent(pop)
+        if parent != "root":
+            assert not (membership[pop] & ~membership[parent]).any()
+
+
+def test_default_template_skips_populations_the_panel_cannot_gate(gating) -> None:
+    assert gating.skipped["gd T"] == "panel lacks TCRgd"
+    assert gating.skipped["Treg"] == "panel lacks CD25, CD127"
+    assert gating.skipped["CD4 naive"] == "panel lacks CD45RA, CCR7"
+    assert gating.skipped["mDC"] == "panel lacks CD11c"
+    assert set(gating.skipped) == {
+        "gd T", "Treg", "CD4 naive", "CD4 memory", "CD8 naive", "CD8 memory", "mDC", "pDC",
+    }
+    # optional terms whose marker is absent are dropped; present ones kept; A|B keeps present
+    assert gating.resolved["T cells"] == ((("CD3",), True), (("CD19",), False), (("CD14",), False))
+    assert gating.resolved["CD4 T"] == ((("CD4",), True), (("CD8a",), False))
+    assert gating.resolved["B cells"] == ((("CD3",), False), (("CD19",), True))
+    assert gating.resolved["Monocytes"][-1] == (("CD14", "CD16"), True)
+    assert "IFNg" not in gating.markers
+    assert set(gating.markers) == {"CD3", "CD4", "CD8a", "CD19", "CD14", "CD16", "CD56", "HLA-DR"}
+
+
+def test_children_of_a_skipped_population_are_skipped(make_pbmc) -> None:
+    cells = make_pbmc(2000, seed=3)[0].drop(columns=["CD56"])
+    g = fit_gating([cells], "default")
+    assert g.skipped["NK"] == "panel lacks CD56"
+    assert g.skipped["CD56bright NK"] == "parent 'NK' skipped"
+    assert g.skipped["CD56dim NK"] == "parent 'NK' skipped"
+    assert "Monocytes" in g.populations  # ?CD56- is optional there
+    assert (("CD56",), False) not in g.resolved["Monocytes"]
+    assert "CD56" not in g.markers
+    assert list(apply_gating(g, cells).columns) == g.populations
+
+
+def test_marker_names_match_loosely(make_pbmc) -> None:
+    cells = make_pbmc(2000, seed=3)[0].rename(columns={"HLA-DR": "HLADR", "CD8a": "cd8a"})
+    g = fit_gating([cells], "default")
+    assert g.resolved["DC"][3] == (("HLADR",), True)
+    assert g.resolved["CD8 T"] == ((("cd8a",), True), (("CD4",), False))
+
+
+def test_thresholds_are_fitted_within_the_parent() -> None:
+    # Y is 0 outside A; inside A it is bimodal at 2 and 4. Within A the valley is at ~3, on all
+    # cells it would be near 1: only the within-parent threshold separates A's two Y levels.
+    rng = np.random.default_rng(5)
+    n_out, n_lo, n_hi = 3000, 500, 500
+    x = np.r_[np.zeros(n_out), np.full(n_lo + n_hi, 4.0)] + rng.normal(0, 0.3, 4000)
+    y = np.r_[np.zeros(n_out), np.full(n_lo, 2.0), np.full(n_hi, 4.0)] + rng.normal(0, 0.3, 4000)
+    cells = pd.DataFrame({"X": x, "Y": y})
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"), ("B", "root", "Y+"))
+    g = fit_gating([cells], t)
+    assert 2.6 < g.thresholds["A1"]["Y"] < 3.4
+    assert g.thresholds["B"]["Y"] < 1.8  # the root-level valley
+    m = apply_gating(g, cells)
+    assert m["A1"].to_numpy()[n_out + n_lo:].mean() > 0.98
+    assert m["A1"].to_numpy()[: n_out + n_lo].mean() < 0.01
+
+
+def test_not_bimodal_within_parent_falls_back_to_the_root_threshold() -> None:
+    rng = np.random.default_rng(6)
+    x = np.r_[np.zeros(2000), np.full(2000, 4.0)] + rng.normal(0, 0.3, 4000)
+    y = np.r_[np.zeros(2000), np.full(2000, 4.0)] + rng.normal(0, 0.3, 4000)
+    cells = pd.DataFrame({"X": x, "Y": y})
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    # Y is unimodal (all high) within A: effectiveness below 0.9 → the root threshold is used
+    g = fit_gating([cells], t, min_effectiveness=0.9)
+    root_t, _ = otsu_threshold(y)
+    assert g.thresholds["A1"]["Y"] == pytest.approx(root_t)
+    assert apply_gating(g, cells)["A1"].sum() == apply_gating(g, cells)["A"].sum()
+    # a parent with fewer than 50 cells also uses the root threshold
+    tiny = pd.DataFrame({"X": np.r_[x[:2000], x[2000:2030]], "Y": np.r_[y[:2000], y[2000:2030]]})
+    g2 = fit_gating([tiny], t)
+    assert g2.thresholds["A1"]["Y"] == pytest.approx(otsu_threshold(tiny["Y"].to_numpy())[0])
+
+
+def test_fixed_thresholds_override(make_pbmc) -> None:
+    cells = make_pbmc(2000, seed=4)[0]
+    t = template(("T", "root", "CD3+"), ("CD4 T", "T", "CD4+"), thresholds={"CD3": 1.0, "CD4": 0.5})
+    g = fit_gating([cells], t)
+    assert g.thresholds == {"T": {"CD3": 1.0}, "CD4 T": {"CD4": 0.5}}
+    g2 = fit_gating([cells], t, thresholds={"cd-4": 3.5})  # the call's own win, names loose
+    assert g2.thresholds == {"T": {"CD3": 1.0}, "CD4 T": {"CD4": 3.5}}
+    m = apply_gating(g2, cells)
+    expected = (cells["CD3"] > 1.0) & (cells["CD4"] > 3.5)
+    assert (m["CD4 T"] == expected).all()
+
+
+def test_fit_gating_errors(make_pbmc) -> None:
+    cells = make_pbmc(500, seed=4)[0]
+    with pytest.raises(GatingError, match="at least one sample"):
+        fit_gating([], "default")
+    with pytest.raises(GatingError, match="No population of .* can be gated"):
+        fit_gating([cells[["IFNg"]]], "default")
+    g = fit_gating([cells], template(("T", "root", "CD3+ CD4+")))
+    with pytest.raises(GatingError, match="lack marker\\(s\\) CD4 that the gating uses"):
+        apply_gating(g, cells.drop(columns=["CD4"]))
+
+
+def test_gating_round_trip_gives_identical_membership(make_pbmc, gating) -> None:
+    cells = make_pbmc(3000, seed=12)[0]
+    back = Gating.from_dict(json.loads(json.dumps(gating.to_dict())))
+    assert back.populations == gating.populations
+    assert back.thresholds == gating.thresholds
+    assert back.skipped == gating.skipped
+    assert back.markers == gating.markers
+    pd.testing.assert_frame_equal(apply_gating(back, cells), apply_gating(gating, cells))
+
+
+def test_apply_gating_keeps_the_index_and_is_deterministic(make_pbmc, gating) -> None:
+    cells = make_pbmc(500, seed=13)[0]
+    cells.index = pd.RangeIndex(100, 600)
+    m = apply_gating(gating, cells)
+    assert list(m.index) == list(cells.index)
+    assert m.dtypes.eq(bool).all()
+    # same cells in another order → same membership per cell
+    shuffled = cells.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(apply_gating(gating, shuffled).loc[cells.index], m)
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_population_table_by_hand() -> None:
+    t = template(("T", "root", "CD3+"), ("CD4 T", "T", "CD4+"), ("B", "root", "CD19+"),
+                 ("B sub", "B", "CD20+"))
+    g = Gating(t, {p.name: () for p in t.populations}, {}, {}, ())
+    membership = pd.DataFrame({
+        "T":     [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+        "CD4 T": [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        "B":     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "B sub": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    }).astype(bool)
+    table = population_table(g, membership, sample_id="S1")
+    assert list(table.columns) == ["sample_id", "population", "parent", "count", "pct_parent", "pct_live"]
+    assert table["sample_id"].eq("S1").all()
+    assert list(table["population"]) == ["T", "CD4 T", "B", "B sub"]
+    assert list(table["parent"]) == ["root", "T", "root", "B"]
+    assert list(table["count"]) == [6, 3, 0, 0]
+    np.testing.assert_allclose(table["pct_parent"], [60.0, 50.0, 0.0, np.nan])
+    np.testing.assert_allclose(table["pct_live"], [60.0, 30.0, 0.0, 0.0])
+
+
+def test_population_table_on_gated_cells_matches_labels(make_pbmc, gating) -> None:
+    cells, labels = make_pbmc(3000, seed=14)
+    table = population_table(gating, apply_gating(gating, cells), sample_id="S").set_index("population")
+    n_t = labels.isin(EXPECTED["T cells"]).sum()
+    assert table.at["T cells", "pct_live"] == pytest.approx(100 * n_t / 3000, abs=1.0)
+    assert table.at["CD8 T", "pct_parent"] == pytest.approx(
+        100 * (labels == "CD8 T").sum() / n_t, abs=1.5
+    )
