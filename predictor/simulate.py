@@ -30,24 +30,27 @@ Outcome model
 -------------
 Driver values are measured on the simulated events themselves (true identities, arcsinh(x/5)
 of the written float32 values; ``frac_pos`` = fraction of cells with a value > 2.0; ``pct_live``
-= % of live singlet leukocytes, ``pct_parent`` = % of the parent population). Each driver is
-standardised, ``z = (v - centre) / scale``, with centre and scale the mean and standard deviation
-over the patients it applies to (all patients for prognostic terms, the IL-7 arm for predictive
-ones); both are stored in ``truth.json``. The linear predictor of patient *i* is::
+= % of live singlet cells, ``pct_parent`` = % of the parent population, e.g. Treg % of CD4 T).
+Each driver is standardised, ``z = (v - centre) / scale``; for prognostic terms centre and scale
+are the mean and SD over all patients; for IL-7 (predictive) terms the centre is 0 (no
+on-treatment change, no benefit) and the scale the root mean square over the IL-7 arm. Both are
+stored in ``truth.json``. With Δ = week6 − baseline, the linear predictor of patient *i* is::
 
-    lp_i = b0 + b_trt·[IL-7]
-           - 0.8·z(Treg % of CD4 T, baseline unstim)                  prognostic, linear
-           - 1.8·max(0, z(Monocytes % live, baseline unstim) - 0.5)   prognostic, hinge
-           - 0.7·z(CD8 T PD-1 frac+, baseline unstim)                  prognostic, linear
-           + [IL-7]·( 1.2·z(Δ CD8 T % live, unstim)                   predictive, linear
-                    + 0.9·z(Δ CD4 T IL-2 frac+, stim)                 predictive, linear
-                    + 0.8·z(Δ NK TNFα frac+, stim)·z(Δ CD8 T IFNγ frac+, stim) )  interaction
+    lp_i = -0.8
+           - 1.0·z(Treg % of CD4 T, baseline unstim)                    prognostic, linear
+           - 2.2·max(0, z(Monocytes % live, baseline unstim) - 0.5)     prognostic, hinge
+           - 0.9·z(CD8 T PD-1 frac+, baseline unstim)                    prognostic, linear
+           + [IL-7]·( 1.5·z(Δ CD8 T % live, unstim)                     predictive, linear
+                    + 1.1·z(Δ CD4 T IL-2 frac+, stim)                   predictive, linear
+                    + 1.0·z(Δ NK TNFα frac+, stim)·z(Δ CD8 T IFNγ frac+, stim) )  interaction
            + u_i,   u_i ~ N(0, 0.5²)  (unmeasured factors)
 
-with Δ = week6 − baseline. ``response ~ Bernoulli(expit(lp))``. Survival follows a Weibull
-model with the same linear predictor (shape 1.4, hazard ∝ exp(−0.8·lp), median ≈ 20 months at
-lp = 0) and uniform administrative censoring between 12 and 48 months. ``truth.json`` holds
-every generating parameter, the per-patient drivers, linear predictors and probabilities, and
+A latent immunosuppression score per patient raises Tregs, monocytes and PD-1 together, so the
+prognostic drivers are correlated as in advanced cancer. ``response ~ Bernoulli(expit(lp))``.
+Survival follows a Weibull model with the same linear predictor (shape 1.4, hazard
+∝ exp(−0.8·lp), median 20 months at lp = 0) and uniform administrative censoring between 12 and
+48 months. ``age`` and ``psa_baseline`` are uninformative covariates. ``truth.json`` holds every
+generating parameter, the per-patient drivers, linear predictors and probabilities, and
 ``best_auroc``: the expected AUROC of the true probabilities against outcomes drawn from them.
 
 Determinism: every patient and every sample has its own :class:`numpy.random.SeedSequence`
@@ -200,6 +203,7 @@ _PARENT_NAMES = {
     "Monocytes": "live", "Classical mono": "Monocytes", "mDC": "DC", "pDC": "DC",
 }
 
+_ZERO_INFLATION = 0.3  # extra zeros: probability for signals with expected count < 3
 _NEG = 0.15  # arcsinh level of a negative marker (expected count ~0.75)
 
 # Surface profiles: marker -> level, or (level_pos, fraction_pos) for bimodal markers.
@@ -287,6 +291,7 @@ _IL7 = {
     "t_cd127_level": -0.5,
     "r_sd": 0.35,  # log-sd of the patient responsiveness r
     "effect_sd": 0.35,  # log-sd of each effect's magnitude around r
+    "max_effect": 2.2,  # magnitudes are capped (CD8 T at most ×3.2 before renormalising)
 }
 
 # Latent immunosuppression (per patient, N(0, 1)): its loadings.
@@ -294,8 +299,8 @@ _SUPPRESSION = {"treg_log_freq": 0.2, "mono_log_freq": 0.15, "pd1_logit": 0.4, "
 
 # Outcome model (see module docstring).
 _OUTCOME = {
-    "intercept": 0.0,
-    "treatment": 0.3,
+    "intercept": -0.8,
+    "treatment": 0.0,
     "noise_sd": 0.5,
     "weibull_shape": 1.4,
     "weibull_median_months": 20.0,
@@ -463,8 +468,8 @@ def _patient_params(rng: np.random.Generator, arm: str) -> dict:
         "cyto_logit": rng.normal(0.0, 0.15, size=(_N_LEAF, len(_CYTOKINES))),
     }
     r = float(np.exp(rng.normal(0.0, _IL7["r_sd"])))
-    effects = {k: r * float(np.exp(rng.normal(0.0, _IL7["effect_sd"])))
-               for k in _IL7 if k not in ("r_sd", "effect_sd")}
+    effects = {k: min(r * float(np.exp(rng.normal(0.0, _IL7["effect_sd"]))), _IL7["max_effect"])
+               for k in _IL7 if k not in ("r_sd", "effect_sd", "max_effect")}
     noncell = np.array(_NONCELL_FRAC) * np.exp(rng.normal(0.0, 0.25, 4))
     noncell_w6 = np.array(_NONCELL_FRAC) * np.exp(rng.normal(0.0, 0.25, 4))
     return {
@@ -521,7 +526,7 @@ def _sample_profile(params: dict, timepoint: str, condition: str) -> dict:
                                            + params["pd1_logit"]), 0.0)
     j = idx["Ki-67"]
     q[t_cells, j] = _expit(_logit(q[t_cells, j]) + _IL7["t_ki67_logit"] * eff["t_ki67_logit"])
-    lpos[t_cells, idx["CD127"]] += _IL7["t_cd127_level"] * min(eff["t_cd127_level"], 2.0)
+    lpos[t_cells, idx["CD127"]] += _IL7["t_cd127_level"] * eff["t_cd127_level"]
     # Cytokines.
     for c, name in enumerate(_CYTOKINES):
         j = idx[name]
@@ -569,9 +574,10 @@ def _il7_cytokine_shift(code: int, name: str, eff: dict) -> float:
 def _cell_counts(lab: np.ndarray, prof: dict, rng: np.random.Generator) -> np.ndarray:
     """Expected counts (before drift and Poisson) of cells with leaf identities ``lab``."""
     n = lab.size
-    on = rng.random((n, prof["q"].shape[1])) < prof["q"][lab]
+    on = rng.random((n, prof["q"].shape[1]), dtype=np.float32) < prof["q"][lab]
     level = np.where(on, prof["lpos"][lab], prof["lneg"][lab])
-    level += rng.normal(0.0, 1.0, size=level.shape) * _noise_sd()  # per-cell noise (arcsinh)
+    noise = rng.standard_normal(level.shape, dtype=np.float32)
+    level += noise * _noise_sd()  # per-cell noise (arcsinh)
     mu = COFACTOR * np.sinh(np.maximum(level, 0.0))
     mu *= np.exp(rng.normal(0.0, 0.15, size=(n, 1)))  # cell size / staining
     return mu
@@ -636,9 +642,13 @@ def _event_block(lab: np.ndarray, prof: dict, drift: np.ndarray,
     mu[:, dna] *= np.exp(rng.normal(0.0, 0.15, size=(n, 1)))
     mu *= drift
     counts = rng.poisson(mu).astype(np.float64)
-    # Extra zeros for dim signals (zero inflation), then CyTOF's uniform jitter.
-    counts[(mu < 3.0) & (rng.random(mu.shape) < 0.3)] = 0.0
-    jitter = rng.random(mu.shape)
+    # Extra zeros for dim signals (zero inflation), then CyTOF's uniform(0, 1) jitter on
+    # non-zero counts. One uniform serves both: where it decides a zero-inflation coin
+    # (u < p), the rest of its range, rescaled, is again uniform(0, 1).
+    u = rng.random(mu.shape, dtype=np.float32)
+    dim = mu < 3.0
+    counts[dim & (u < _ZERO_INFLATION)] = 0.0
+    jitter = np.where(dim, (u - _ZERO_INFLATION) / (1.0 - _ZERO_INFLATION), u)
     return np.where(counts > 0, counts - jitter, 0.0)
 
 
@@ -686,7 +696,8 @@ def _simulate_sample(task: dict) -> dict:
         del vals
     pnn = [_PANEL[i][1] for i in order]
     pns = [_pns(*_PANEL[i]) for i in order]
-    write_fcs(task["path"], events, pnn, pns, metadata=task["metadata"])
+    metadata = {**task["metadata"], f"$P{time_col + 1}R": str(int(np.ceil(t0)) + 1)}
+    write_fcs(task["path"], events, pnn, pns, metadata=metadata)
     np.save(task["labels_path"], lab)
     markers = [_PANEL[i][0] for i in order]
     stats = _sample_stats(events, lab, markers)
@@ -987,6 +998,22 @@ def _write_cohort(root: Path, *, n_patients: int, seed: int, cells_per_sample: i
     (root / "truth.json").write_text(json.dumps(_jsonable(truth), indent=1) + "\n")
 
 
+def _profile_parameters() -> dict:
+    """Marker profiles of the cell subsets, by name (levels on the arcsinh(x/5) scale)."""
+    name = {c: n for c, n, _ in POPULATIONS}
+    return {
+        "negative_level": _NEG,
+        "cell_profiles": {name[c]: {m: list(v) if isinstance(v, tuple) else v
+                                    for m, v in prof.items()} for c, prof in _PROFILES.items()},
+        "constitutive_level_fraction_pos": {name[c]: {m: list(v) for m, v in prof.items()}
+                                            for c, prof in _CONSTITUTIVE.items()},
+        "cytokine_level": _CYTOKINE_LEVEL,
+        "stim_fraction_pos": {name[c]: prof for c, prof in _STIM.items()},
+        "unstim_fraction_pos": _UNSTIM_CYTOKINE,
+        "unstim_fraction_pos_monocytes": _MONO_UNSTIM,
+    }
+
+
 def _truth(*, seed, n_patients, cells_per_sample, n_batches, design, pids, params, n_events,
            outcome) -> dict:
     patients = []
@@ -1008,6 +1035,7 @@ def _truth(*, seed, n_patients, cells_per_sample, n_batches, design, pids, param
             "noncell_fraction": dict(zip(["bead", "debris", "dead", "doublet"],
                                          _NONCELL_FRAC, strict=True)),
             "il7_effects": _IL7, "suppression": _SUPPRESSION, "outcome": _OUTCOME,
+            **_profile_parameters(),
             "batch_drift": {f"B{b + 1}": dict(zip([p[1] for p in _PANEL],
                                                    design["drift"][b], strict=True))
                             for b in range(n_batches)},
@@ -1024,7 +1052,9 @@ def _truth(*, seed, n_patients, cells_per_sample, n_batches, design, pids, param
         "linear_predictor": (
             "lp = intercept + treatment*[IL-7] + sum(weight * f(z)) over drivers in scope "
             "(arm 'IL-7' terms only for IL-7 patients) + N(0, noise_sd^2); z = (value - centre)"
-            " / scale; f: linear z, hinge max(0, z - knot), interaction z * z_with"
+            " / scale (prognostic: mean and SD over all patients; IL-7 terms: centre 0 and root"
+            " mean square over the IL-7 arm); f: linear z, hinge max(0, z - knot),"
+            " interaction z * z_with"
         ),
         "drivers": outcome["drivers"],
         "best_auroc": outcome["best_auroc"],
