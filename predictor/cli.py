@@ -103,10 +103,12 @@ def features(
     out: Annotated[Path, typer.Option(help="Output folder for the tables.")],
     template: Annotated[str, typer.Option(help="Gating template YAML, or 'default'.")] = "default",
     mode: Annotated[str, typer.Option(help="'on-treatment' or 'baseline'.")] = "on-treatment",
-    jobs: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    jobs: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786) to run on.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Per-sample cache folder: re-runs skip finished samples.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
-    """Gate populations and compute per-patient features of a cohort."""
+    """Gate populations and compute per-patient features of a cohort (Parquet, CSV, AnnData)."""
     from predictor.config import FeatureConfig
     from predictor.features import extract_features
     from predictor.io.panel import read_panel
@@ -118,7 +120,8 @@ def features(
     pnl = read_panel(panel)
     sheet = read_sample_sheet(samples)
     sheet = sheet[sheet["timepoint"].isin(cfg.timepoints) & sheet["condition"].isin(cfg.conditions)]
-    fs = extract_features(sheet, pnl, config=cfg, template=template, progress=True)
+    fs = extract_features(sheet, pnl, config=cfg, template=template, cache=cache,
+                          scheduler=scheduler, progress=True)
     fs.save(out, overwrite=force)
     _say(f"{fs.X.shape[0]} patients × {fs.X.shape[1]} features from {len(fs.qc)} samples → {out}")
     skipped = fs.gating.skipped

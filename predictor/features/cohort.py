@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from predictor import __version__
 from predictor.config import FeatureConfig
 from predictor.errors import FeatureError, OutputExistsError
+from predictor.features.cache import SampleCache, file_digest, settings_digest
+from predictor.features.execution import run_tasks
 from predictor.features.matrix import build_matrix
 from predictor.features.stats import sample_statistics
 from predictor.io.fcs import read_fcs
@@ -91,11 +91,21 @@ class FeatureSet:
             df.to_parquet(tmp / f"{name}.parquet", index=keep_index)
             df.to_csv(tmp / f"{name}.csv", index=keep_index)
         (tmp / "gating.json").write_text(json.dumps(self.gating.to_dict(), indent=2))
+        self.to_anndata().write_h5ad(tmp / "features.h5ad")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
         return out
+
+    def to_anndata(self):
+        """Patients × features as an ``AnnData`` (feature metadata in ``.var``) for scanpy."""
+        import anndata
+
+        var = self.meta.loc[self.X.columns].astype(str)
+        var.index = var.index.astype(str)
+        obs = pd.DataFrame(index=self.X.index.astype(str))
+        return anndata.AnnData(X=self.X.to_numpy(dtype=np.float32, copy=True), obs=obs, var=var)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:
@@ -120,41 +130,60 @@ def clean_sample(path: str, panel: Panel) -> tuple[pd.DataFrame, dict[str, Any]]
     return result.cells, {**result.qc, "quirks": "; ".join(sample.quirks)}
 
 
-def _pass1(job: tuple[str, str, Panel, int, int]) -> tuple[str, pd.DataFrame, dict[str, Any]]:
-    sample_id, path, panel, max_cells, seed = job
-    cells, qc = clean_sample(path, panel)
-    rng = np.random.default_rng(seed)
-    if len(cells) > max_cells:
-        cells = cells.iloc[np.sort(rng.choice(len(cells), max_cells, replace=False))]
-    return sample_id, cells.reset_index(drop=True), qc
+def _cached(cache_dir, key, compute):
+    """Look ``key`` up in the cache (when there is one), else compute and store."""
+    if cache_dir is None:
+        return compute(), False
+    cache = SampleCache(cache_dir)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit, True
+    tables, data = compute()
+    cache.put(key, tables, data)
+    return (tables, data), False
 
 
-def _pass2(job: tuple[str, str, Panel, Gating, FeatureConfig, list[str]]):
-    sample_id, path, panel, gating, cfg, markers = job
-    cells, qc = clean_sample(path, panel)
-    membership = apply_gating(gating, cells)
-    pops = population_table(gating, membership, sample_id=sample_id)
-    stats = sample_statistics(
-        cells, membership, pops, markers=markers, statistics=cfg.statistics,
-        frac_pos_threshold=cfg.frac_pos_threshold, min_cells=cfg.min_cells,
+def _pass1(job):
+    """Clean one sample and draw its share of the pooled subsample gates are fitted on."""
+    sample_id, path, panel, max_cells, seed, cache_dir = job
+    digest = file_digest(path)
+
+    def compute():
+        cells, qc = clean_sample(path, panel)
+        rng = np.random.default_rng([seed, int(digest[:12], 16)])  # order-independent draw
+        if len(cells) > max_cells:
+            cells = cells.iloc[np.sort(rng.choice(len(cells), max_cells, replace=False))]
+        return {"cells": cells.reset_index(drop=True)}, {"qc": qc}
+
+    key = settings_digest("pass1", digest, panel.table.to_dict("list"), max_cells, seed, __version__)
+    (tables, data), _ = _cached(cache_dir, key, compute)
+    return sample_id, tables["cells"], data["qc"]
+
+
+def _pass2(job):
+    """Clean, gate and summarise one sample: (sample_id, populations, statistics, QC)."""
+    sample_id, path, panel, gating, cfg, markers, cache_dir = job
+    digest = file_digest(path)
+
+    def compute():
+        cells, qc = clean_sample(path, panel)
+        membership = gating.apply(cells) if hasattr(gating, "apply") else apply_gating(gating, cells)
+        pops = population_table(gating, membership, sample_id=sample_id)
+        stats = sample_statistics(
+            cells, membership, pops, markers=markers, statistics=cfg.statistics,
+            frac_pos_threshold=cfg.frac_pos_threshold, min_cells=cfg.min_cells,
+        )
+        return {"pops": pops, "stats": stats}, {"qc": qc}
+
+    key = settings_digest(
+        "pass2", digest, panel.table.to_dict("list"), gating.to_dict(), list(markers),
+        list(cfg.statistics), cfg.frac_pos_threshold, cfg.min_cells, __version__,
     )
+    (tables, data), _ = _cached(cache_dir, key, compute)
+    pops = tables["pops"].assign(sample_id=sample_id)
+    stats = tables["stats"].copy()
     stats.insert(0, "sample_id", sample_id)
-    return sample_id, pops, stats, qc
-
-
-def _map(fn: Callable, jobs: list, n_jobs: int, progress: str | None) -> Iterator:
-    def wrap(it: Iterable) -> Iterable:
-        if not progress:
-            return it
-        from rich.progress import track
-
-        return track(it, description=progress, total=len(jobs), transient=True)
-
-    if n_jobs <= 1 or len(jobs) <= 1:
-        yield from wrap(map(fn, jobs))
-        return
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("forkserver")) as ex:
-        yield from wrap(ex.map(fn, jobs, chunksize=1))
+    return sample_id, pops, stats, data["qc"]
 
 
 def extract_features(
@@ -165,6 +194,8 @@ def extract_features(
     template: GatingTemplate | str = "default",
     gating: Gating | None = None,
     max_cells_per_sample: int = 5000,
+    cache: str | os.PathLike | None = None,
+    scheduler: str | None = None,
     progress: bool = False,
     random_state: int = 0,
 ) -> FeatureSet:
@@ -185,6 +216,12 @@ def extract_features(
         A frozen gating (e.g. from a model bundle); no thresholds are refitted.
     max_cells_per_sample
         Cells per sample in the pooled subsample the gating is fitted on.
+    cache
+        Folder of per-sample results keyed by file content and settings: a re-run skips
+        finished samples, an interrupted run resumes. ``None`` caches nothing.
+    scheduler
+        Address of a Dask distributed scheduler (``tcp://host:8786``) to run the per-sample
+        work on; by default a local pool of ``config.n_jobs`` processes.
     progress
         Show progress bars.
     random_state
@@ -198,19 +235,24 @@ def extract_features(
             f"{list(cfg.conditions)}; check the sample sheet against the experiment's [features]."
         )
     rows = list(need[["sample_id", "path"]].itertuples(index=False, name=None))
+    cache_dir = str(cache) if cache is not None else None
+    run = {"n_jobs": cfg.n_jobs, "scheduler": scheduler}
     if gating is None:
-        jobs1 = [(sid, p, panel, max_cells_per_sample, random_state + i) for i, (sid, p) in enumerate(rows)]
-        subsamples = []
-        for _, cells, _ in _map(_pass1, jobs1, cfg.n_jobs, "Fitting gates" if progress else None):
-            subsamples.append(cells)
+        jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p in rows]
+        by_id = {}
+        for sid, cells, _ in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
+            by_id[sid] = cells
+        subsamples = [by_id[sid] for sid, _ in rows]  # sample-sheet order, whatever finished first
         gating = fit_gating(subsamples, template, random_state=random_state)
     markers = panel.by_role("functional") or panel.by_role("lineage")
-    jobs2 = [(sid, p, panel, gating, cfg, markers) for sid, p in rows]
-    pops, stats, qcs = [], [], []
-    for sid, pop, st, qc in _map(_pass2, jobs2, cfg.n_jobs, "Extracting features" if progress else None):
-        pops.append(pop)
-        stats.append(st)
-        qcs.append({"sample_id": sid, **qc})
+    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir) for sid, p in rows]
+    results = {}
+    for sid, pop, st, qc in run_tasks(_pass2, jobs2, progress="Extracting features" if progress else None, **run):
+        results[sid] = (pop, st, qc)
+    order = [sid for sid, _ in rows]
+    pops = [results[sid][0] for sid in order]
+    stats = [results[sid][1] for sid in order]
+    qcs = [{"sample_id": sid, **results[sid][2]} for sid in order]
     keys = need[["sample_id", "patient_id", "timepoint", "condition"]]
     long = keys.merge(pd.concat(stats, ignore_index=True), on="sample_id")
     X, meta = build_matrix(long, cfg)
