@@ -162,25 +162,39 @@ def _print_training(res) -> None:
 
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="Bundle folder: models/NAME (newest) or models/NAME/vNNN.")],
+    model: Annotated[str, typer.Option(help="models/NAME (newest), models/NAME/vNNN, or models:/NAME@alias.")],
     samples: Annotated[Path, typer.Option(help="Sample sheet of the new patients.")],
     out: Annotated[Path, typer.Option(help="Scores CSV (or .parquet).")],
     report: Annotated[Path | None, typer.Option(help="Also write an HTML report with patient cards.")] = None,
-    jobs: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    allow_missing_markers: Annotated[bool, typer.Option(help="Score even if files lack panel markers (features missing, warned).")] = False,
+    store: Annotated[Path, typer.Option(help="MLflow SQLite store, for models:/ URIs.")] = Path("mlflow.db"),
+    jobs: Annotated[int | None, typer.Option(help="Local worker processes.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address to run on.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
 ) -> None:
-    """Score new patients with a frozen model bundle."""
+    """Score new patients with a frozen model bundle (an interrupted batch resumes on re-run)."""
     from predictor.report.html import build_report
     from predictor.score import score_samples
 
     if report is not None and report.exists() and not force:
         raise PredictorError(f"{report}: exists already; choose another --report or pass --force.")
-    scores, fs = score_samples(model, samples, out, force=force, n_jobs=jobs, progress=True)
+    scores, fs = score_samples(model, samples, out, force=force, allow_missing_markers=allow_missing_markers,
+                               store=store, n_jobs=jobs, scheduler=scheduler, progress=True)
     flagged = int(scores["flag"].sum())
-    _say(f"Scored {len(scores)} patients ({flagged} flagged as likely to benefit) → {out}")
+    warned = int((scores["warnings"] != "").sum())
+    _say(f"Scored {len(scores)} patients with {scores['model'].iloc[0]} ({flagged} flagged as likely "
+         f"to benefit, {warned} with warnings) → {out}")
     if report is not None:
-        build_report(model, report, scores=scores, score_features=fs.X, force=force)
+        build_report(_bundle_dir(model, store), report, scores=scores, score_features=fs.X, force=force)
         _say(f"Report → {report}")
+
+
+def _bundle_dir(model: str, store: Path) -> str:
+    if model.startswith("models:/"):
+        from predictor.model.tracking import resolve_model_uri
+
+        return str(resolve_model_uri(model, store))
+    return model
 
 
 @app.command("report")

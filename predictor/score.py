@@ -9,7 +9,9 @@ atomically and never overwrite an existing file unless asked to.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,14 @@ import xgboost as xgb
 from predictor.errors import OutputExistsError, ScoringError
 from predictor.explain import shap_values, top_drivers
 from predictor.features import FeatureSet, extract_features
+from predictor.io.fcs import read_fcs_header
+from predictor.io.panel import Panel
 from predictor.io.samplesheet import read_sample_sheet
 from predictor.model.bundle import Bundle, load_bundle
 from predictor.model.train import calibrate
+from predictor.populations.gating import Gating
 
-__all__ = ["score_features", "score_samples", "write_table"]
+__all__ = ["score_features", "score_samples", "write_table", "check_panel", "affected_features"]
 
 
 def write_table(df: pd.DataFrame, out: str | os.PathLike, *, force: bool = False) -> Path:
@@ -81,13 +86,79 @@ def score_features(bundle: Bundle, X: pd.DataFrame, *, n_drivers: int = 3) -> pd
     return pd.DataFrame(rows)
 
 
+def _ancestors(gating: Gating, name: str) -> list[str]:
+    out = []
+    while name != "root":
+        out.append(name)
+        name = gating.parent(name)
+    return out
+
+
+def _populations_using(gating: Gating, markers: set[str]) -> set[str]:
+    """Populations whose own rules, or an ancestor's, read one of ``markers``."""
+    direct = {
+        pop for pop, terms in gating.resolved.items()
+        if any(m in markers for ms, _pos in terms for m in ms)
+    }
+    return {p for p in gating.populations if direct & set(_ancestors(gating, p))}
+
+
+def _without_markers(gating: Gating, panel: Panel, missing: set[str]) -> tuple[Gating, Panel]:
+    """The gating and panel with the missing markers' channels and dependent populations dropped."""
+    dropped = _populations_using(gating, missing)
+    resolved = {k: v for k, v in gating.resolved.items() if k not in dropped}
+    reduced = replace(
+        gating,
+        resolved=resolved,
+        thresholds={k: v for k, v in gating.thresholds.items() if k in resolved},
+        skipped={**gating.skipped, **{p: "marker missing in the new files" for p in dropped}},
+        markers=tuple(m for m in gating.markers if m not in missing),
+    )
+    table = panel.table[~panel.table["marker"].isin(missing)].reset_index(drop=True)
+    return reduced, Panel(table, panel.source)
+
+
+def check_panel(bundle: Bundle, sheet: pd.DataFrame) -> dict[str, list[str]]:
+    """Markers of the bundle's panel that files of ``sheet`` lack: marker → files (headers only)."""
+    wanted = bundle.panel.table[bundle.panel.table["role"] != "exclude"]
+    missing: dict[str, list[str]] = {}
+    for path in sheet["path"]:
+        have = set(read_fcs_header(path).pnn)
+        for channel, marker in zip(wanted["channel"], wanted["marker"], strict=True):
+            if channel not in have:
+                missing.setdefault(marker, []).append(Path(path).name)
+    return missing
+
+
+def affected_features(bundle: Bundle, markers: set[str]) -> list[str]:
+    """The model's features a set of missing markers makes uncomputable."""
+    pops = _populations_using(bundle.gating, markers)
+    schema = bundle.schema
+    hit = schema["marker"].isin(markers) | schema["population"].isin(pops)
+    return list(schema.index[hit])
+
+
+def _resolve_model(model: str | os.PathLike, store: str | os.PathLike) -> Path:
+    if str(model).startswith("models:/"):
+        from predictor.model.tracking import resolve_model_uri
+
+        if not Path(store).is_file():
+            raise ScoringError(f"{store}: MLflow store not found; pass --store path/to/mlflow.db.")
+        return resolve_model_uri(str(model), store)
+    return Path(model)
+
+
 def score_samples(
     model: str | os.PathLike,
     samples: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
     force: bool = False,
+    allow_missing_markers: bool = False,
+    store: str | os.PathLike = "mlflow.db",
     n_jobs: int | None = None,
+    scheduler: str | None = None,
+    cache: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, FeatureSet]:
     """Score the patients of a sample sheet with a bundle; write ``out`` when given.
@@ -95,19 +166,29 @@ def score_samples(
     Parameters
     ----------
     model
-        ``models/NAME`` (newest version) or ``models/NAME/vNNN``.
+        ``models/NAME`` (newest version), ``models/NAME/vNNN``, or a registry URI
+        ``models:/NAME@alias`` / ``models:/NAME/VERSION`` looked up in ``store``.
     samples
         Sample sheet of the new patients (same timepoints/conditions as the training).
     out
         CSV or Parquet path for the scores; refused if it exists unless ``force``.
+    allow_missing_markers
+        Score even when files lack panel markers: the populations and features that need them
+        become missing values and every patient's ``warnings`` says so. Otherwise an error
+        names the markers, the files and the features affected.
+    store
+        MLflow SQLite store for ``models:/`` URIs.
+    n_jobs, scheduler
+        Local worker processes, or the address of a Dask scheduler, as for feature extraction.
+    cache
+        Per-sample cache folder. With ``out`` and no cache, a hidden folder beside ``out`` is
+        used and removed on success, so an interrupted batch resumes where it stopped.
     """
     if out is not None and Path(out).exists() and not force:
         raise OutputExistsError(f"{out}: exists already; choose another --out or pass --force.")
-    bundle = load_bundle(model)
+    bundle = load_bundle(_resolve_model(model, store))
     fc = bundle.feature_config
     if n_jobs is not None:
-        from dataclasses import replace
-
         fc = replace(fc, n_jobs=n_jobs)
     sheet = read_sample_sheet(samples)
     sheet = sheet[sheet["timepoint"].isin(fc.timepoints) & sheet["condition"].isin(fc.conditions)]
@@ -116,17 +197,40 @@ def score_samples(
             f"{samples}: no sample with timepoint in {list(fc.timepoints)} and condition in "
             f"{list(fc.conditions)}, which the model {bundle.path} needs."
         )
+    gating, panel = bundle.gating, bundle.panel
+    missing = check_panel(bundle, sheet)
+    notes: list[str] = []
+    if missing:
+        lost = affected_features(bundle, set(missing))
+        where = "; ".join(f"{m} (e.g. {files[0]}, {len(files)} file(s))" for m, files in missing.items())
+        if not allow_missing_markers:
+            raise ScoringError(
+                f"{samples}: files lack marker(s) of the model's panel: {where}. This affects "
+                f"{len(lost)} of the model's {len(bundle.features)} features"
+                + (f" (e.g. {lost[0]})" if lost else "")
+                + ". Fix the files' panel, or pass --allow-missing-markers to score with those "
+                "features missing."
+            )
+        gating, panel = _without_markers(gating, panel, set(missing))
+        notes.append(f"missing marker(s) {', '.join(missing)}: {len(lost)} feature(s) not computed")
     have = sheet.groupby("patient_id")[["timepoint", "condition"]].apply(
         lambda d: set(zip(d["timepoint"], d["condition"], strict=True))
     )
     need = {(t, c) for t in fc.timepoints for c in fc.conditions}
     gaps = {p: sorted(need - s) for p, s in have.items() if need - s}
-    fs = extract_features(sheet, bundle.panel, config=fc, gating=bundle.gating, progress=progress)
+    partial = None
+    if cache is None and out is not None:
+        partial = Path(out).with_name(f".{Path(out).name}.partial")
+        cache = partial
+    fs = extract_features(sheet, panel, config=fc, gating=gating, cache=cache,
+                          scheduler=scheduler, progress=progress)
     scores = score_features(bundle, fs.X)
-    for pid, missing in gaps.items():
-        msg = "missing samples: " + ", ".join(f"{t}/{c}" for t, c in missing)
+    for pid, lacking in gaps.items():
+        msg = "missing samples: " + ", ".join(f"{t}/{c}" for t, c in lacking)
         mask = scores["patient_id"] == pid
         scores.loc[mask, "warnings"] = (msg + " | " + scores.loc[mask, "warnings"]).str.strip(" |")
+    for note in notes:
+        scores["warnings"] = (note + " | " + scores["warnings"]).str.strip(" |")
     if gaps:
         warnings.warn(
             f"{len(gaps)} patient(s) lack samples the model uses; their scores rest on missing "
@@ -137,4 +241,6 @@ def score_samples(
     scores.insert(1, "model", f"{bundle.name}/v{bundle.version:03d}")
     if out is not None:
         write_table(scores, out, force=force)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
     return scores, fs

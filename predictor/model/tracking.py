@@ -162,3 +162,42 @@ def download_run_artifacts(target_store: str | os.PathLike, run_id: str, artifac
     mlflow.set_tracking_uri(tracking_uri(target_store))
     dst = Path(tempfile.mkdtemp(prefix="predictor-run-"))
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+
+def resolve_model_uri(uri: str, store: str | os.PathLike) -> Path:
+    """Download the bundle behind ``models:/NAME@alias`` or ``models:/NAME/VERSION``.
+
+    The registered version points at the run that logged it; that run's ``bundle`` artifact is
+    the model bundle. Returns the local folder it was downloaded to.
+    """
+    from predictor.errors import BundleError
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    body = uri.removeprefix("models:/")
+    mlflow.set_tracking_uri(tracking_uri(store))
+    client = MlflowClient()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, ver = body.partition("/")
+            if not ver:
+                versions = client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise MlflowException(f"no versions of {name!r}")
+                ver = str(max(int(v.version) for v in versions))
+            mv = client.get_model_version(name, ver)
+    except MlflowException as exc:
+        msg = str(exc).splitlines()[0]
+        raise BundleError(
+            f"{uri}: not found in the MLflow store {store} ({msg}). Check the name and the alias "
+            "or version (mlflow ui shows them)."
+        ) from None
+    if not mv.run_id:
+        raise BundleError(f"{uri}: the registered version has no run to take the bundle from.")
+    return download_run_artifacts(store, mv.run_id, "bundle")
