@@ -36,13 +36,13 @@ are the mean and SD over all patients; for IL-7 (predictive) terms the centre is
 on-treatment change, no benefit) and the scale the root mean square over the IL-7 arm. Both are
 stored in ``truth.json``. With Δ = week6 − baseline, the linear predictor of patient *i* is::
 
-    lp_i = -0.8
-           - 1.0·z(Treg % of CD4 T, baseline unstim)                    prognostic, linear
-           - 2.2·max(0, z(Monocytes % live, baseline unstim) - 0.5)     prognostic, hinge
-           - 0.9·z(CD8 T PD-1 frac+, baseline unstim)                    prognostic, linear
-           + [IL-7]·( 1.5·z(Δ CD8 T % live, unstim)                     predictive, linear
-                    + 1.1·z(Δ CD4 T IL-2 frac+, stim)                   predictive, linear
-                    + 1.0·z(Δ NK TNFα frac+, stim)·z(Δ CD8 T IFNγ frac+, stim) )  interaction
+    lp_i = -0.9
+           - 0.8·z(Treg % of CD4 T, baseline unstim)                    prognostic, linear
+           - 3.2·max(0, z(Monocytes % live, baseline unstim) - 0.5)     prognostic, hinge
+           - 0.6·z(CD8 T PD-1 frac+, baseline unstim)                    prognostic, linear
+           + [IL-7]·( 2.2·z(Δ CD8 T % live, unstim)                     predictive, linear
+                    + 0.8·z(Δ CD4 T IL-2 frac+, stim)                   predictive, linear
+                    + 0.6·z(Δ NK TNFα frac+, stim)·z(Δ CD8 T IFNγ frac+, stim) )  interaction
            + u_i,   u_i ~ N(0, 0.5²)  (unmeasured factors)
 
 A latent immunosuppression score per patient raises Tregs, monocytes and PD-1 together, so the
@@ -290,16 +290,16 @@ _IL7 = {
     "t_ki67_logit": 1.5,
     "t_cd127_level": -0.5,
     "r_sd": 0.35,  # log-sd of the patient responsiveness r
-    "effect_sd": 0.35,  # log-sd of each effect's magnitude around r
+    "effect_sd": 0.25,  # log-sd of each effect's magnitude around r
     "max_effect": 2.2,  # magnitudes are capped (CD8 T at most ×3.2 before renormalising)
 }
 
 # Latent immunosuppression (per patient, N(0, 1)): its loadings.
-_SUPPRESSION = {"treg_log_freq": 0.2, "mono_log_freq": 0.15, "pd1_logit": 0.4, "pd1_sd": 0.4}
+_SUPPRESSION = {"treg_log_freq": 0.3, "mono_log_freq": 0.25, "pd1_logit": 0.6, "pd1_sd": 0.35}
 
 # Outcome model (see module docstring).
 _OUTCOME = {
-    "intercept": -0.8,
+    "intercept": -0.9,
     "treatment": 0.0,
     "noise_sd": 0.5,
     "weibull_shape": 1.4,
@@ -309,17 +309,17 @@ _OUTCOME = {
 }
 _DRIVERS = (
     {"population": "Treg", "marker": None, "statistic": "pct_parent", "condition": "unstim",
-     "timepoint": "baseline", "weight": -1.0, "form": "linear", "arm": "all"},
+     "timepoint": "baseline", "weight": -0.8, "form": "linear", "arm": "all"},
     {"population": "Monocytes", "marker": None, "statistic": "pct_live", "condition": "unstim",
-     "timepoint": "baseline", "weight": -2.2, "form": "hinge", "knot": 0.5, "arm": "all"},
+     "timepoint": "baseline", "weight": -3.2, "form": "hinge", "knot": 0.5, "arm": "all"},
     {"population": "CD8 T", "marker": "PD-1", "statistic": "frac_pos", "condition": "unstim",
-     "timepoint": "baseline", "weight": -0.9, "form": "linear", "arm": "all"},
+     "timepoint": "baseline", "weight": -0.6, "form": "linear", "arm": "all"},
     {"population": "CD8 T", "marker": None, "statistic": "pct_live", "condition": "unstim",
-     "timepoint": "week6-baseline", "weight": 1.5, "form": "linear", "arm": "IL-7"},
+     "timepoint": "week6-baseline", "weight": 2.2, "form": "linear", "arm": "IL-7"},
     {"population": "CD4 T", "marker": "IL-2", "statistic": "frac_pos", "condition": "stim",
-     "timepoint": "week6-baseline", "weight": 1.1, "form": "linear", "arm": "IL-7"},
+     "timepoint": "week6-baseline", "weight": 0.8, "form": "linear", "arm": "IL-7"},
     {"population": "NK", "marker": "TNFa", "statistic": "frac_pos", "condition": "stim",
-     "timepoint": "week6-baseline", "weight": 1.0, "form": "interaction", "arm": "IL-7",
+     "timepoint": "week6-baseline", "weight": 0.6, "form": "interaction", "arm": "IL-7",
      "with": {"population": "CD8 T", "marker": "IFNg", "statistic": "frac_pos",
               "condition": "stim", "timepoint": "week6-baseline"}},
 )
@@ -513,7 +513,6 @@ def _sample_profile(params: dict, timepoint: str, condition: str) -> dict:
             lpos[code, idx[marker]] = level
             q[code, idx[marker]] = frac
     lpos += params["shift"]
-    lneg = np.maximum(lneg, 0.05)
     for code, prof in _CONSTITUTIVE.items():
         for marker, (level, frac) in prof.items():
             j = idx[marker]
