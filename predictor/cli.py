@@ -102,6 +102,7 @@ def features(
     panel: Annotated[Path, typer.Option(help="Panel CSV.")],
     out: Annotated[Path, typer.Option(help="Output folder for the tables.")],
     template: Annotated[str, typer.Option(help="Gating template YAML, or 'default'.")] = "default",
+    clusters: Annotated[int | None, typer.Option(help="FlowSOM metaclusters instead of gating (named by the template).")] = None,
     mode: Annotated[str, typer.Option(help="'on-treatment' or 'baseline'.")] = "on-treatment",
     jobs: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786) to run on.")] = None,
@@ -120,7 +121,7 @@ def features(
     pnl = read_panel(panel)
     sheet = read_sample_sheet(samples)
     sheet = sheet[sheet["timepoint"].isin(cfg.timepoints) & sheet["condition"].isin(cfg.conditions)]
-    fs = extract_features(sheet, pnl, config=cfg, template=template, cache=cache,
+    fs = extract_features(sheet, pnl, config=cfg, template=template, clusters=clusters, cache=cache,
                           scheduler=scheduler, progress=True)
     fs.save(out, overwrite=force)
     _say(f"{fs.X.shape[0]} patients × {fs.X.shape[1]} features from {len(fs.qc)} samples → {out}")

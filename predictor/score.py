@@ -200,6 +200,11 @@ def score_samples(
     gating, panel = bundle.gating, bundle.panel
     missing = check_panel(bundle, sheet)
     notes: list[str] = []
+    if missing and not isinstance(gating, Gating):
+        raise ScoringError(
+            f"{samples}: files lack marker(s) {', '.join(missing)} that the model's FlowSOM "
+            "clusters are defined on; clusters cannot be assigned without them. Fix the files' panel."
+        )
     if missing:
         lost = affected_features(bundle, set(missing))
         where = "; ".join(f"{m} (e.g. {files[0]}, {len(files)} file(s))" for m, files in missing.items())

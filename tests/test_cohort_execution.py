@@ -109,3 +109,17 @@ def test_save_writes_parquet_csv_and_anndata(tiny, tmp_path):
     np.testing.assert_allclose(ad.X, fs.X.to_numpy(dtype=np.float32), equal_nan=True)
     loaded = FeatureSet.load(out)
     pd.testing.assert_frame_equal(loaded.X, fs.X)
+
+
+def test_clusters_instead_of_gating_round_trip(tiny, tmp_path):
+    from predictor.populations import Clustering
+
+    sheet, panel = tiny
+    fs = extract_features(sheet, panel, config=FeatureConfig(n_jobs=1), clusters=8)
+    assert isinstance(fs.gating, Clustering)
+    pops = set(fs.populations["population"])
+    assert len(pops) == 8 and any("-like (MC" in p for p in pops)
+    loaded = FeatureSet.load(fs.save(tmp_path / "f"))
+    assert isinstance(loaded.gating, Clustering)
+    again = extract_features(sheet, panel, config=FeatureConfig(n_jobs=1), gating=loaded.gating)
+    pd.testing.assert_frame_equal(again.X, fs.X)

@@ -20,6 +20,7 @@ from predictor.populations.gating import (
     otsu_threshold,
     parse_rule,
     population_table,
+    valley_threshold,
 )
 
 # Template populations → the synthetic cell types (conftest.CELL_TYPES) that belong to them.
@@ -182,6 +183,79 @@ def test_otsu_degenerate_input() -> None:
     assert 0.0 < t <= 4.0  # non-finite values ignored
 
 
+# ------------------------------------------------------------------------------ valleys
+
+
+def test_valley_tells_bimodal_from_unimodal_where_otsu_cannot() -> None:
+    rng = np.random.default_rng(0)
+    uni = rng.normal(0.0, 0.5, 20000)
+    bi = np.r_[rng.normal(0.0, 0.5, 18000), rng.normal(2.0, 0.5, 2000)]  # 90/10, 4 SD apart
+    # Otsu's effectiveness is the same for both ...
+    assert otsu_threshold(uni)[1] == pytest.approx(otsu_threshold(bi)[1], abs=0.05)
+    # ... the valley test is not
+    assert np.isnan(valley_threshold(uni)[0])
+    t, depth = valley_threshold(bi)
+    assert 0.9 < t < 1.6 and 0.3 < depth < 0.8
+    # the cut is where a cell is about as likely to be in either population (Bayes: ~1.27)
+    assert abs(t - 1.27) < 0.2
+
+
+@pytest.mark.parametrize(
+    "kind", ["gaussian", "lognormal", "gamma", "student-t", "zero-inflated", "counts",
+             "jittered counts"],
+)
+def test_valley_ignores_unimodal_shapes(kind) -> None:
+    rng = np.random.default_rng(1)
+    n = 20000
+    values = {
+        "gaussian": rng.normal(2.0, 0.5, n),
+        "lognormal": np.log1p(rng.lognormal(0.0, 1.0, n)),
+        "gamma": rng.gamma(2.0, 0.5, n),
+        "student-t": rng.standard_t(3, n) * 0.4,
+        "zero-inflated": np.r_[np.zeros(n // 3), np.abs(rng.normal(0, 0.4, n - n // 3))],
+        "counts": np.arcsinh(rng.poisson(2.0, n) / 5),  # a comb of discrete values near 0
+        "jittered counts": np.arcsinh(np.maximum(rng.poisson(3.0, n) - rng.uniform(0, 1, n), 0) / 5),
+    }[kind]
+    assert np.isnan(valley_threshold(values)[0])
+
+
+def test_valley_separated_populations_and_small_ones() -> None:
+    rng = np.random.default_rng(2)
+    # an empty gap: the cut is in its middle, not at the edge of one population
+    t, depth = valley_threshold(np.r_[rng.normal(0, 0.2, 5000), rng.normal(4, 0.2, 5000)])
+    assert depth < 0.01 and 1.6 < t < 2.4
+    # 1% positive cells, well apart, still make a valley
+    t, _ = valley_threshold(np.r_[rng.normal(0, 0.4, 19800), rng.normal(3.5, 0.4, 200)])
+    assert 1.2 < t < 2.6
+    # three modes: the cut with the largest between-class variance (here 10 | 20 + 70 loses
+    # to 10 + 20 | 70)
+    v = np.r_[rng.normal(0, 0.3, 1000), rng.normal(2.5, 0.3, 2000), rng.normal(5, 0.3, 7000)]
+    t, _ = valley_threshold(v)
+    assert 3.2 < t < 4.3
+
+
+def test_valley_with_a_diffuse_zero_inflated_low_population() -> None:
+    # Treg-like CD127: 7% low cells, 30% of them exact zeros, the rest spread out — the low
+    # population makes no peak of its own besides the zero spike, the valley is a long flat
+    # stretch; the cut still lands near where the two populations are equally likely.
+    rng = np.random.default_rng(3)
+    low = np.abs(rng.normal(0.45, 0.45, 2100))
+    low[:630] = 0.0
+    v = np.r_[low, rng.normal(2.6, 0.48, 27900)]
+    t, _ = valley_threshold(v)
+    assert 1.0 < t < 1.6
+    assert (low <= t).mean() > 0.9
+
+
+def test_valley_degenerate_input() -> None:
+    assert np.isnan(valley_threshold(np.r_[np.zeros(20), np.full(20, 4.0)])[0])  # < 50 values
+    assert np.isnan(valley_threshold(np.full(500, 3.0))[0])
+    rng = np.random.default_rng(4)
+    v = np.r_[rng.normal(0, 0.3, 2000), rng.normal(4, 0.3, 2000), [np.nan, np.inf, -np.inf]]
+    t, _ = valley_threshold(v)
+    assert 1.0 < t < 3.0
+
+
 # ------------------------------------------------------------------------------ fit + apply
 
 
@@ -262,15 +336,58 @@ def test_not_bimodal_within_parent_falls_back_to_the_root_threshold() -> None:
     y = np.r_[np.zeros(2000), np.full(2000, 4.0)] + rng.normal(0, 0.3, 4000)
     cells = pd.DataFrame({"X": x, "Y": y})
     t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
-    # Y is unimodal (all high) within A: effectiveness below 0.9 → the root threshold is used
-    g = fit_gating([cells], t, min_effectiveness=0.9)
-    root_t, _ = otsu_threshold(y)
+    # Y is unimodal (all high) within A: no valley there → the valley on all cells is used
+    g = fit_gating([cells], t)
+    root_t, _ = valley_threshold(y)
+    assert 1.0 < root_t < 3.0
     assert g.thresholds["A1"]["Y"] == pytest.approx(root_t)
+    assert g.methods == {"A": {"X": "root valley"}, "A1": {"Y": "root valley"}}
     assert apply_gating(g, cells)["A1"].sum() == apply_gating(g, cells)["A"].sum()
     # a parent with fewer than 50 cells also uses the root threshold
     tiny = pd.DataFrame({"X": np.r_[x[:2000], x[2000:2030]], "Y": np.r_[y[:2000], y[2000:2030]]})
     g2 = fit_gating([tiny], t)
-    assert g2.thresholds["A1"]["Y"] == pytest.approx(otsu_threshold(tiny["Y"].to_numpy())[0])
+    assert g2.thresholds["A1"]["Y"] == pytest.approx(valley_threshold(tiny["Y"].to_numpy())[0])
+    assert g2.methods["A1"]["Y"] == "root valley"
+
+
+def test_no_valley_anywhere_uses_the_default_threshold() -> None:
+    rng = np.random.default_rng(7)
+    x = np.r_[np.zeros(2000), np.full(2000, 4.0)] + rng.normal(0, 0.3, 4000)
+    cells = pd.DataFrame({"X": x, "Y": rng.normal(2.0, 0.5, 4000)})  # Y unimodal everywhere
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    g = fit_gating([cells], t)
+    assert g.thresholds["A1"] == {"Y": 1.5} and g.methods["A1"] == {"Y": "default"}
+    g2 = fit_gating([cells], t, default_threshold=2.5)
+    assert g2.thresholds["A1"] == {"Y": 2.5}
+
+
+def test_min_effectiveness_can_veto_a_small_split() -> None:
+    rng = np.random.default_rng(8)
+    y = np.r_[rng.normal(0, 0.4, 3880), rng.normal(3, 0.4, 120)]  # 3% positive: effectiveness ≈ 0.6
+    cells = pd.DataFrame({"Y": y})
+    t = template(("P", "root", "Y+"))
+    assert fit_gating([cells], t).methods["P"]["Y"] == "root valley"
+    assert fit_gating([cells], t, min_effectiveness=0.7).methods["P"]["Y"] == "default"
+
+
+def test_relative_level_without_valley_uses_the_edge_of_the_main_mode() -> None:
+    # Within P, Z is one broad mode with a bright shoulder (no valley): CZbright takes the
+    # shoulder, CZdim the rest — siblings still split P at one threshold.
+    rng = np.random.default_rng(9)
+    n = 6000
+    x = np.r_[np.zeros(n), np.full(n, 4.0)] + rng.normal(0, 0.3, 2 * n)
+    z = np.r_[rng.normal(0, 0.3, n), rng.normal(2.5, 0.4, n - 600), rng.normal(3.6, 0.3, 600)]
+    cells = pd.DataFrame({"X": x, "Z": z})
+    t = template(("P", "root", "X+"), ("bright", "P", "Zbright"), ("dim", "P", "Zdim"),
+                 ("plus", "P", "Z+"))
+    g = fit_gating([cells], t)
+    assert g.methods["bright"]["Z"] == "shoulder" == g.methods["dim"]["Z"]
+    assert g.thresholds["bright"]["Z"] == g.thresholds["dim"]["Z"]
+    assert 2.9 < g.thresholds["bright"]["Z"] < 3.6
+    m = apply_gating(g, cells)
+    assert not (m["bright"] & m["dim"]).any() and (m["bright"] | m["dim"]).sum() == m["P"].sum()
+    # an absolute term on the same marker falls back to the valley on all cells instead
+    assert g.methods["plus"]["Z"] == "root valley" and g.thresholds["plus"]["Z"] < 2.0
 
 
 def test_fixed_thresholds_override(make_pbmc) -> None:
@@ -315,6 +432,98 @@ def test_apply_gating_keeps_the_index_and_is_deterministic(make_pbmc, gating) ->
     # same cells in another order → same membership per cell
     shuffled = cells.sample(frac=1.0, random_state=0)
     pd.testing.assert_frame_equal(apply_gating(gating, shuffled).loc[cells.index], m)
+
+
+def _shifted_batches(shift: float = 2.2, seed: int = 20) -> tuple[list[pd.DataFrame], list[str]]:
+    """Two batches of two samples; batch B2 reads Y ``shift`` higher (acquisition drift)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(4):
+        n = 3000
+        x = np.r_[np.zeros(n // 2), np.full(n // 2, 4.0)] + rng.normal(0, 0.3, n)
+        y = np.r_[np.zeros(n // 4), np.full(n // 4, 2.2), np.zeros(n // 4), np.full(n // 4, 2.2)]
+        y = y + rng.normal(0, 0.3, n) + (shift if i >= 2 else 0.0)
+        out.append(pd.DataFrame({"X": x, "Y": y}))
+    return out, ["B1", "B1", "B2", "B2"]
+
+
+def test_thresholds_per_batch_follow_each_batch() -> None:
+    cells, batches = _shifted_batches()
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    g = fit_gating(cells, t, batches=batches)
+    assert g.batches == ["B1", "B2"]
+    t1, t2 = g.batch_thresholds["B1"]["A1"]["Y"], g.batch_thresholds["B2"]["A1"]["Y"]
+    assert 0.7 < t1 < 1.6 and 2.8 < t2 < 3.8  # each batch's own valley
+    assert g.batch_methods["B2"]["A1"]["Y"] == "valley"
+    truth = np.r_[np.zeros(750), np.ones(750), np.zeros(750), np.ones(750)].astype(bool)
+    for c, b in zip(cells, batches, strict=True):
+        m = apply_gating(g, c, batch=b)
+        assert (m["A1"].to_numpy() == (truth & (c["X"] > 2).to_numpy())).mean() > 0.99
+    # the pooled thresholds serve no batch, or one the gating has not seen
+    pd.testing.assert_frame_equal(apply_gating(g, cells[0], batch="B9"), apply_gating(g, cells[0]))
+    assert g.thresholds_for("B9") is g.thresholds_for(None) is g.thresholds
+    # without batches no threshold fits both: B2's negatives sit where B1's positives are
+    pooled = fit_gating(cells, t)
+    assert pooled.batch_thresholds == {}
+    errors = [
+        (apply_gating(pooled, c)["A1"].to_numpy() != (truth & (c["X"] > 2).to_numpy())).mean()
+        for c in cells
+    ]
+    assert max(errors) > 0.2
+
+
+def test_batch_without_a_valley_falls_back_to_the_pooled_threshold() -> None:
+    cells, _ = _shifted_batches(shift=0.0)
+    # B2's only sample has no Y-high cells within A: no valley in that batch's parent
+    cells[3] = cells[3].assign(Y=np.random.default_rng(1).normal(0, 0.3, len(cells[3])))
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    g = fit_gating([cells[0], cells[3]], t, batches=["B1", "B2"])
+    assert g.methods["A1"]["Y"] == "valley"
+    assert g.batch_methods["B2"]["A1"]["Y"] == "pooled"
+    assert g.batch_thresholds["B2"]["A1"]["Y"] == g.thresholds["A1"]["Y"]
+
+
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [(["B1"], "one batch label per sample \\(2\\). Got 1 labels"),
+     ("B1", "Got a string"),
+     (["B1", None], "no label for sample 2"),
+     (["B1", float("nan")], "no label for sample 2"),
+     (["B1", " "], "no label for sample 2")],
+)
+def test_batches_are_checked(make_pbmc, batches, message) -> None:
+    cells = make_pbmc(500, seed=4)[0]
+    with pytest.raises(GatingError, match=message):
+        fit_gating([cells, cells], "default", batches=batches)
+
+
+def test_gating_round_trip_with_batches_and_old_files() -> None:
+    cells, batches = _shifted_batches()
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    g = fit_gating(cells, t, batches=batches)
+    raw = json.loads(json.dumps(g.to_dict()))
+    assert raw["kind"] == "gating"
+    back = Gating.from_dict(raw)
+    assert back.to_dict() == g.to_dict()
+    assert back.batch_thresholds == g.batch_thresholds and back.methods == g.methods
+    for c, b in zip(cells, batches, strict=True):
+        pd.testing.assert_frame_equal(apply_gating(back, c, batch=b), apply_gating(g, c, batch=b))
+    # files written before per-batch thresholds still load (pooled thresholds only)
+    old = {k: raw[k] for k in ("template", "resolved", "thresholds", "skipped", "markers")}
+    legacy = Gating.from_dict(old)
+    assert legacy.batch_thresholds == {} and legacy.thresholds == g.thresholds
+    with pytest.raises(GatingError, match="not a gating"):
+        Gating.from_dict({**raw, "kind": "clustering"})
+
+
+def test_threshold_table_lists_pooled_and_batch_thresholds() -> None:
+    cells, batches = _shifted_batches()
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    table = fit_gating(cells, t, batches=batches).threshold_table()
+    assert list(table.columns) == ["batch", "population", "parent", "marker", "threshold", "method"]
+    assert len(table) == 6 and set(table["batch"]) == {"", "B1", "B2"}
+    row = table[(table["batch"] == "B2") & (table["population"] == "A1")].iloc[0]
+    assert row["parent"] == "A" and row["marker"] == "Y" and row["method"] == "valley"
 
 
 # ------------------------------------------------------------------------------ tables

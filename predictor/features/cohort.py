@@ -27,10 +27,10 @@ from predictor.features.matrix import build_matrix
 from predictor.features.stats import sample_statistics
 from predictor.io.fcs import read_fcs
 from predictor.io.panel import Panel, apply_panel
+from predictor.populations import Clustering, fit_clustering, populations_from_dict
 from predictor.populations.gating import (
     Gating,
     GatingTemplate,
-    apply_gating,
     fit_gating,
     population_table,
 )
@@ -56,8 +56,8 @@ class FeatureSet:
         Per-sample population table (count, % of parent, % of live).
     qc : DataFrame
         Per-sample cleanup QC (events in, kept after each step).
-    gating : Gating
-        The frozen gating used.
+    gating : Gating or Clustering
+        The frozen populations used (a gating template's gates, or FlowSOM clusters).
     """
 
     X: pd.DataFrame
@@ -65,7 +65,7 @@ class FeatureSet:
     long: pd.DataFrame
     populations: pd.DataFrame
     qc: pd.DataFrame
-    gating: Gating
+    gating: Gating | Clustering
 
     def save(self, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the tables (Parquet and CSV) and the gating (JSON) into ``out``, atomically."""
@@ -118,7 +118,7 @@ class FeatureSet:
             long=pd.read_parquet(path / "features_long.parquet"),
             populations=pd.read_parquet(path / "populations.parquet"),
             qc=pd.read_parquet(path / "qc.parquet"),
-            gating=Gating.from_dict(json.loads((path / "gating.json").read_text())),
+            gating=populations_from_dict(json.loads((path / "gating.json").read_text())),
         )
 
 
@@ -162,12 +162,12 @@ def _pass1(job):
 
 def _pass2(job):
     """Clean, gate and summarise one sample: (sample_id, populations, statistics, QC)."""
-    sample_id, path, panel, gating, cfg, markers, cache_dir = job
+    sample_id, path, panel, gating, cfg, markers, cache_dir, batch = job
     digest = file_digest(path)
 
     def compute():
         cells, qc = clean_sample(path, panel)
-        membership = gating.apply(cells) if hasattr(gating, "apply") else apply_gating(gating, cells)
+        membership = gating.apply(cells, batch=batch) if isinstance(gating, Gating) else gating.apply(cells)
         pops = population_table(gating, membership, sample_id=sample_id)
         stats = sample_statistics(
             cells, membership, pops, markers=markers, statistics=cfg.statistics,
@@ -176,7 +176,7 @@ def _pass2(job):
         return {"pops": pops, "stats": stats}, {"qc": qc}
 
     key = settings_digest(
-        "pass2", digest, panel.table.to_dict("list"), gating.to_dict(), list(markers),
+        "pass2", digest, batch, panel.table.to_dict("list"), gating.to_dict(), list(markers),
         list(cfg.statistics), cfg.frac_pos_threshold, cfg.min_cells, __version__,
     )
     (tables, data), _ = _cached(cache_dir, key, compute)
@@ -192,7 +192,8 @@ def extract_features(
     *,
     config: FeatureConfig | None = None,
     template: GatingTemplate | str = "default",
-    gating: Gating | None = None,
+    gating: Gating | Clustering | None = None,
+    clusters: int | None = None,
     max_cells_per_sample: int = 5000,
     cache: str | os.PathLike | None = None,
     scheduler: str | None = None,
@@ -213,7 +214,10 @@ def extract_features(
     template
         Gating template to fit when ``gating`` is not given.
     gating
-        A frozen gating (e.g. from a model bundle); no thresholds are refitted.
+        Frozen populations (e.g. from a model bundle): nothing is refitted.
+    clusters
+        Find populations by FlowSOM with this many metaclusters (named after the template's
+        populations they match) instead of gating with the template.
     max_cells_per_sample
         Cells per sample in the pooled subsample the gating is fitted on.
     cache
@@ -234,22 +238,30 @@ def extract_features(
             f"No sample has a timepoint in {list(cfg.timepoints)} and a condition in "
             f"{list(cfg.conditions)}; check the sample sheet against the experiment's [features]."
         )
-    rows = list(need[["sample_id", "path"]].itertuples(index=False, name=None))
+    batch_col = need["batch"] if "batch" in need else pd.Series("1", index=need.index)
+    rows = list(zip(need["sample_id"], need["path"], batch_col.astype(str), strict=True))
     cache_dir = str(cache) if cache is not None else None
     run = {"n_jobs": cfg.n_jobs, "scheduler": scheduler}
     if gating is None:
-        jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p in rows]
+        jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
         by_id = {}
         for sid, cells, _ in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
             by_id[sid] = cells
-        subsamples = [by_id[sid] for sid, _ in rows]  # sample-sheet order, whatever finished first
-        gating = fit_gating(subsamples, template, random_state=random_state)
+        subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
+        if clusters:
+            gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
+                                    max_cells_per_sample=max_cells_per_sample,
+                                    random_state=random_state)
+        else:
+            batches = [b for _, _, b in rows]
+            gating = fit_gating(subsamples, template, random_state=random_state,
+                                batches=batches if len(set(batches)) > 1 else None)
     markers = panel.by_role("functional") or panel.by_role("lineage")
-    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir) for sid, p in rows]
+    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir, b) for sid, p, b in rows]
     results = {}
     for sid, pop, st, qc in run_tasks(_pass2, jobs2, progress="Extracting features" if progress else None, **run):
         results[sid] = (pop, st, qc)
-    order = [sid for sid, _ in rows]
+    order = [sid for sid, _, _ in rows]
     pops = [results[sid][0] for sid in order]
     stats = [results[sid][1] for sid in order]
     qcs = [{"sample_id": sid, **results[sid][2]} for sid in order]

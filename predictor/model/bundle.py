@@ -34,6 +34,7 @@ import xgboost as xgb
 from predictor.config import FeatureConfig
 from predictor.errors import BundleError, GatingError
 from predictor.io.panel import Panel, read_panel
+from predictor.populations import Clustering, populations_from_dict
 from predictor.populations.gating import Gating
 
 __all__ = ["Bundle", "save_bundle", "load_bundle", "resolve_bundle_path"]
@@ -48,7 +49,7 @@ class Bundle:
     meta: dict[str, Any]
     booster: xgb.Booster
     schema: pd.DataFrame  # index = feature names in model order
-    gating: Gating
+    gating: Gating | Clustering
     panel: Panel
     feature_config: FeatureConfig
 
@@ -113,7 +114,7 @@ def save_bundle(
     booster: xgb.Booster,
     features: pd.DataFrame,
     meta: pd.DataFrame,
-    gating: Gating,
+    gating: Gating | Clustering,
     panel: Panel,
     feature_config: FeatureConfig,
     info: dict[str, Any],
@@ -203,7 +204,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         booster.load_model(path / "model.json")
         rows = json.loads((path / "schema.json").read_text())["features"]
         schema = pd.DataFrame(rows).set_index("name")
-        gating = Gating.from_dict(json.loads((path / "gating.json").read_text()))
+        gating = populations_from_dict(json.loads((path / "gating.json").read_text()))
         fc = meta.get("feature_config", {})
         feature_config = FeatureConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in fc.items()}
