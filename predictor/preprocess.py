@@ -20,6 +20,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import find_peaks
 
+from predictor._density import valley_center
 from predictor.io.panel import Panel, normalize_marker
 
 __all__ = [
@@ -390,26 +391,12 @@ def _valleys(d: _Density, *, min_separation: float, max_ratio: float = 0.5,
         for b in peaks[a_i + 1:]:
             if (b - a) * d.step < min_separation:
                 continue
-            v = _valley_center(vals, a, b)
+            v = valley_center(vals, a, b)
             ratio = vals[v] / min(vals[a], vals[b])
             frac_lo, frac_hi = vals[:v].sum() / total, vals[v + 1:].sum() / total
             if ratio <= max_ratio and min(frac_lo, frac_hi) >= min_fraction:
                 out.append((ratio, v, int(a)))
     return sorted(out)
-
-
-def _valley_center(vals: np.ndarray, a: int, b: int) -> int:
-    """Index of the lowest density between peaks ``a`` and ``b``; the middle of the run when
-    the bottom is flat (an empty gap between two populations)."""
-    seg = vals[a:b + 1]
-    i = int(np.argmin(seg))
-    floor = seg[i] + 1e-3 * (min(seg[0], seg[-1]) - seg[i])
-    lo = hi = i
-    while lo > 0 and seg[lo - 1] <= floor:
-        lo -= 1
-    while hi < len(seg) - 1 and seg[hi + 1] <= floor:
-        hi += 1
-    return a + (lo + hi) // 2
 
 
 def _auto_high(x: np.ndarray, *, min_gap: float, k: float | None) -> float:

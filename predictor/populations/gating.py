@@ -28,6 +28,7 @@ import yaml
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import find_peaks
 
+from predictor._density import valley_center
 from predictor.errors import GatingError
 from predictor.io.panel import normalize_marker
 
@@ -231,20 +232,6 @@ def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
     return _Density((edges[:-1] + edges[1:]) / 2, values, counts, float(step), float(sigma))
 
 
-def _valley_center(vals: np.ndarray, a: int, b: int) -> int:
-    """Lowest point between peaks ``a`` and ``b``; the middle of the run when the bottom is
-    flat (an empty gap between two well separated populations)."""
-    seg = vals[a : b + 1]
-    i = int(np.argmin(seg))
-    floor = seg[i] + 1e-3 * (min(seg[0], seg[-1]) - seg[i])
-    lo = hi = i
-    while lo > 0 and seg[lo - 1] <= floor:
-        lo -= 1
-    while hi < len(seg) - 1 and seg[hi + 1] <= floor:
-        hi += 1
-    return a + (lo + hi) // 2
-
-
 def valley_threshold(
     values: np.ndarray,
     *,
@@ -310,7 +297,7 @@ def valley_threshold(
         for b in peaks[i + 1 :]:
             if (b - a) * d.step < min_separation:
                 continue
-            vi = _valley_center(d.values, int(a), int(b))
+            vi = valley_center(d.values, int(a), int(b))
             low_peak = min(d.values[a], d.values[b])
             depth = d.values[vi] / low_peak
             z = (low_peak - d.values[vi]) / math.sqrt((low_peak + d.values[vi]) / per_unit)
