@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/predictor demo
 
 test: $(STAMP)
+	@scripts/ensure-chromium.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
