@@ -1,46 +1,118 @@
-"""SHAP explanations from XGBoost's native contributions, as tables, summed per group.
+"""SHAP explanations as tables: values, interactions, sums per population / marker / contrast.
 
 ``booster.predict(..., pred_contribs=True)`` gives exactly the TreeSHAP values of
-``shap.TreeExplainer`` (log-odds scale) and is the fast path; :func:`to_explanation` wraps
-them in a ``shap.Explanation`` for shap's plots.
+``shap.TreeExplainer`` (log-odds scale) and is the fast path; ``pred_interactions=True`` gives
+the SHAP interaction values, whose rows add up to the SHAP values. :func:`to_explanation`
+wraps values in a ``shap.Explanation`` for shap's plots.
+
+Everything here computes; nothing renders (the report lives in :mod:`predictor.report`).
+:func:`explain_bundle` gathers a bundle's explanations in an :class:`Explanations` result,
+whose ``frame()`` is a tidy table of importance per group with its stability across CV folds.
+
+Sources, best first:
+
+- ``oof_shap.csv`` in the bundle (index patient_id, one column per feature): out-of-fold SHAP
+  values, each patient explained by the fold models that did not see them, averaged over
+  repeats. Honest: it shows what the evaluated procedure relies on.
+- otherwise the final model's SHAP values on its own training patients (in-sample).
+- ``fold_importance.csv`` (repeat, fold, feature, mean_abs_shap): one importance per fold
+  model, for the stability of the rankings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-__all__ = ["shap_values", "aggregate_shap", "top_drivers", "to_explanation", "describe_driver"]
+if TYPE_CHECKING:
+    from predictor.model.bundle import Bundle
+
+__all__ = [
+    "LEVELS",
+    "Explanations",
+    "aggregate_shap",
+    "describe_driver",
+    "explain_bundle",
+    "explain_model",
+    "feature_meta",
+    "fold_stability",
+    "group_labels",
+    "importance",
+    "interaction_pairs",
+    "interaction_values",
+    "parse_feature_name",
+    "shap_values",
+    "to_explanation",
+    "top_drivers",
+]
+
+#: Grouping levels of :func:`group_labels` (``contrast`` = condition and timepoint together).
+LEVELS = ("population", "marker", "statistic", "condition", "timepoint", "contrast")
+META = ("population", "marker", "statistic", "condition", "timepoint")
+_STAT_CODE = {"count": "count", "% parent": "pct_parent", "% live": "pct_live", "median": "median",
+              "frac+": "frac_pos"}
+_STAT_WORDS = {"count": "cell count", "pct_parent": "% of parent", "pct_live": "% of live cells",
+               "median": "median level", "frac_pos": "fraction positive"}
+_FREQ = ("count", "pct_parent", "pct_live")
+
+
+# ------------------------------------------------------------------------------ SHAP values
+
+
+def _dmatrix(booster: xgb.Booster, X: pd.DataFrame) -> tuple[xgb.DMatrix, list[str]]:
+    names = list(booster.feature_names or X.columns)
+    data = X.reindex(columns=names).to_numpy(dtype=np.float32)
+    return xgb.DMatrix(data, missing=np.nan, feature_names=names, nthread=1), names
 
 
 def shap_values(booster: xgb.Booster, X: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """SHAP values (patients × features, log-odds) and the base value.
 
-    ``X`` must hold the booster's features (columns in its order).
+    ``X`` must hold the booster's features (matched by name, extra columns ignored).
     """
-    names = list(booster.feature_names or X.columns)
-    dm = xgb.DMatrix(X[names].to_numpy(dtype=np.float32), missing=np.nan, feature_names=names)
+    dm, names = _dmatrix(booster, X)
     contrib = booster.predict(dm, pred_contribs=True)
     values = pd.DataFrame(contrib[:, :-1], index=X.index, columns=names)
     return values, float(contrib[0, -1]) if len(contrib) else float("nan")
 
 
-def aggregate_shap(values: pd.DataFrame, meta: pd.DataFrame, *, by: str = "population") -> pd.DataFrame:
-    """Sum SHAP values per group of features (per patient), e.g. per population or marker.
+def interaction_values(booster: xgb.Booster, X: pd.DataFrame) -> tuple[np.ndarray, list[str], float]:
+    """SHAP interaction values: array (patients × features × features), names, base value.
 
-    Sums of signed SHAP values are exact (additivity), so a population's value is its total push
-    on the patient's log-odds.
+    Symmetric in the last two axes; the diagonal holds the main effects and each off-diagonal
+    pair splits its interaction in two halves, so ``values.sum(axis=2)`` gives the SHAP values.
     """
-    groups = meta.loc[values.columns, by].fillna("").replace("", "(frequency)" if by == "marker" else "-")
-    return values.T.groupby(groups.to_numpy()).sum().T
+    dm, names = _dmatrix(booster, X)
+    inter = booster.predict(dm, pred_interactions=True)
+    base = float(inter[0, -1, -1]) if len(inter) else float("nan")
+    return np.ascontiguousarray(inter[:, :-1, :-1]), names, base
 
 
-def importance(values: pd.DataFrame) -> pd.Series:
-    """Global importance: mean |SHAP| per column, largest first."""
-    return values.abs().mean(axis=0).sort_values(ascending=False)
+def interaction_pairs(inter: np.ndarray, names: Sequence[str], *, top: int = 15,
+                      meta: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The strongest feature pairs: mean over patients of |interaction| (both halves summed)."""
+    p = len(names)
+    if inter.size == 0 or p < 2:
+        return pd.DataFrame(columns=["feature_a", "feature_b", "mean_abs_interaction"])
+    strength = 2.0 * np.abs(inter).mean(axis=0)
+    iu = np.triu_indices(p, k=1)
+    vals = strength[iu]
+    order = np.argsort(-vals, kind="stable")[:top]
+    out = pd.DataFrame({
+        "feature_a": [names[iu[0][i]] for i in order],
+        "feature_b": [names[iu[1][i]] for i in order],
+        "mean_abs_interaction": vals[order],
+    })
+    if meta is not None:
+        out["population_a"] = meta["population"].reindex(out["feature_a"]).to_numpy()
+        out["population_b"] = meta["population"].reindex(out["feature_b"]).to_numpy()
+    return out[out["mean_abs_interaction"] > 0].reset_index(drop=True)
 
 
 def top_drivers(values: pd.DataFrame, k: int = 3) -> list[list[tuple[str, float]]]:
@@ -54,21 +126,400 @@ def top_drivers(values: pd.DataFrame, k: int = 3) -> list[list[tuple[str, float]
     return out
 
 
-def describe_driver(feature: str, value: float, shap: float) -> str:
-    """Plain words: 'CD8 T | % live | unstim | Δweek6 = 1.2 raised the chance of benefit'."""
-    verb = "raised" if shap > 0 else "lowered"
-    shown = "missing" if value != value else f"{value:.3g}"
-    return f"{feature} = {shown} {verb} the predicted chance of benefit (SHAP {shap:+.2f})"
-
-
-def to_explanation(values: pd.DataFrame, base_value: float, X: pd.DataFrame, *, features: Sequence[str] | None = None):
-    """A ``shap.Explanation`` for shap's plotting functions."""
+def to_explanation(values: pd.DataFrame, base_value: float, X: pd.DataFrame, *,
+                   features: Sequence[str] | None = None):
+    """A ``shap.Explanation`` for shap's plotting functions (missing data columns → NaN)."""
     import shap
 
     cols = list(features or values.columns)
     return shap.Explanation(
-        values=values[cols].to_numpy(),
-        base_values=np.full(len(values), base_value),
-        data=X[cols].to_numpy(dtype=float),
+        values=values[cols].to_numpy(dtype=float),
+        base_values=np.full(len(values), base_value, dtype=float),
+        data=X.reindex(index=values.index, columns=cols).to_numpy(dtype=float),
         feature_names=cols,
     )
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def parse_feature_name(name: str, *, baseline: str | None = None) -> dict[str, str]:
+    """Metadata of a readable feature name (``CD8 T | IFNg | frac+ | stim | Δweek6``).
+
+    The inverse of :func:`predictor.features.matrix.feature_name`: ``Δweek6`` becomes
+    ``week6-<baseline>`` when ``baseline`` is given, else stays ``Δweek6``.
+    """
+    parts = [p.strip() for p in str(name).split(" | ")]
+    if len(parts) < 4:
+        return {"population": parts[0], "marker": "", "statistic": "", "condition": "", "timepoint": ""}
+    population, stat, condition, timepoint = parts[0], parts[-3], parts[-2], parts[-1]
+    marker = " | ".join(parts[1:-3])
+    if timepoint.startswith("Δ") and baseline:
+        timepoint = f"{timepoint[1:]}-{baseline}"
+    return {"population": population, "marker": marker, "statistic": _STAT_CODE.get(stat, stat),
+            "condition": condition, "timepoint": timepoint}
+
+
+def feature_meta(names: Sequence[str], schema: pd.DataFrame | None = None, *,
+                 baseline: str | None = None) -> pd.DataFrame:
+    """Metadata (``population, marker, statistic, condition, timepoint``) of every name.
+
+    Taken from ``schema`` (a bundle's, index = feature names) where it has the feature, parsed
+    from the name otherwise (out-of-fold tables cover features the final model dropped).
+    """
+    rows = []
+    for n in names:
+        if schema is not None and n in schema.index:
+            r = schema.loc[n]
+            rows.append({c: ("" if pd.isna(r.get(c)) else str(r.get(c))) for c in META})
+        else:
+            rows.append(parse_feature_name(n, baseline=baseline))
+    return pd.DataFrame(rows, index=pd.Index(list(names), name="feature"), columns=list(META))
+
+
+def _timepoint_label(tp: str) -> str:
+    return f"Δ{tp.partition('-')[0]}" if "-" in tp else tp
+
+
+def _condition_label(cond: str) -> str:
+    return {"stim-unstim": "stim − unstim"}.get(cond, cond)
+
+
+def group_labels(meta: pd.DataFrame, by: str) -> pd.Series:
+    """The group of every feature at level ``by`` (one of :data:`LEVELS`)."""
+    if by not in LEVELS:
+        raise ValueError(f"The 'by' parameter must be one of {', '.join(LEVELS)}. Got {by!r} instead.")
+    m = meta.fillna("")
+    if by == "contrast":
+        cond = m["condition"].astype(str).map(_condition_label)
+        tp = m["timepoint"].astype(str).map(_timepoint_label)
+        return (cond + " · " + tp).rename("contrast")
+    col = m[by].astype(str)
+    if by == "marker":
+        return col.replace("", "(frequency)")
+    if by == "timepoint":
+        return col.map(_timepoint_label)
+    if by == "condition":
+        return col.map(_condition_label)
+    return col.replace("", "-")
+
+
+def aggregate_shap(values: pd.DataFrame, meta: pd.DataFrame, *, by: str = "population") -> pd.DataFrame:
+    """Sum SHAP values per group of features (per patient), e.g. per population or marker.
+
+    Sums of signed SHAP values are exact (additivity), so a population's value is its total push
+    on the patient's log-odds.
+    """
+    groups = group_labels(meta.reindex(values.columns), by)
+    return values.T.groupby(groups.to_numpy()).sum().T
+
+
+def importance(values: pd.DataFrame) -> pd.Series:
+    """Global importance: mean |SHAP| per column, largest first."""
+    return values.abs().mean(axis=0).sort_values(ascending=False, kind="stable")
+
+
+# ------------------------------------------------------------------------------ stability
+
+
+def fold_stability(fold_importance: pd.DataFrame, meta: pd.DataFrame, *, by: str = "population",
+                   k: int = 5, groups: Sequence[str] | None = None) -> pd.DataFrame:
+    """How stable a group's rank is over the CV fold models.
+
+    Parameters
+    ----------
+    fold_importance
+        Columns ``repeat, fold, feature, mean_abs_shap`` (one row per feature and fold model).
+    meta
+        Metadata of (at least) the features it names, see :func:`feature_meta`.
+    by
+        Grouping level; a group's score in a fold is the sum of its features' mean |SHAP|.
+    k
+        Top-k for the frequency column.
+    groups
+        Groups to rank besides those in the folds (absent from a fold = score 0).
+
+    Returns
+    -------
+    DataFrame indexed by group: ``top_k_frequency`` (share of folds where the group ranks
+    ≤ k), ``mean_rank``, ``sd_rank`` (1 = most important; ties share their average rank),
+    ``n_folds``.
+    """
+    fi = fold_importance.copy()
+    fi["group"] = group_labels(meta.reindex(fi["feature"].astype(str)), by).to_numpy()
+    fi["model"] = fi["repeat"].astype(str) + "/" + fi["fold"].astype(str)
+    wide = fi.pivot_table(index="model", columns="group", values="mean_abs_shap", aggfunc="sum",
+                          fill_value=0.0)
+    for g in groups or ():
+        if g not in wide.columns:
+            wide[g] = 0.0
+    ranks = wide.rank(axis=1, ascending=False, method="average")
+    return pd.DataFrame({
+        "top_k_frequency": (ranks <= k).mean(axis=0),
+        "mean_rank": ranks.mean(axis=0),
+        "sd_rank": ranks.std(axis=0, ddof=1) if len(ranks) > 1 else np.nan,
+        "n_folds": len(ranks),
+    }).rename_axis(by)
+
+
+# ------------------------------------------------------------------------------ the result
+
+
+@dataclass
+class Explanations:
+    """A model's explanations, computed once; tables via :meth:`frame` and friends.
+
+    Attributes
+    ----------
+    values
+        SHAP values, patients × features (log-odds).
+    base_value
+        The model's expected log-odds (the final model's when ``values`` are out-of-fold).
+    data
+        Feature values aligned to ``values`` (NaN where the bundle does not store them).
+    meta
+        Feature metadata, index = ``values.columns``.
+    source
+        ``"out-of-fold"`` or ``"in-sample"`` (final model on its training patients).
+    interactions
+        Final model's SHAP interaction values on the training patients, with ``interaction_names``.
+    fold_importance
+        Per-fold mean |SHAP| (``repeat, fold, feature, mean_abs_shap``) or None.
+    k
+        Top-k of the stability frequency.
+    """
+
+    values: pd.DataFrame
+    base_value: float
+    data: pd.DataFrame
+    meta: pd.DataFrame
+    source: str
+    interactions: np.ndarray | None = None
+    interaction_names: list[str] = field(default_factory=list)
+    fold_importance: pd.DataFrame | None = None
+    k: int = 5
+
+    def by(self, level: str = "population") -> pd.DataFrame:
+        """Signed SHAP sums per patient and group (patients × groups)."""
+        return aggregate_shap(self.values, self.meta, by=level)
+
+    def importance(self, level: str | None = None) -> pd.Series:
+        """Global mean |sum of SHAP| per group (per feature when ``level`` is None)."""
+        return importance(self.values if level is None else self.by(level))
+
+    def stability(self, level: str = "population") -> pd.DataFrame | None:
+        """Rank stability over the fold models (None without fold importances)."""
+        if self.fold_importance is None or self.fold_importance.empty:
+            return None
+        feats = self.fold_importance["feature"].astype(str).unique()
+        extra = [f for f in feats if f not in self.meta.index]
+        meta = pd.concat([self.meta, feature_meta(extra)]) if extra else self.meta
+        groups = list(group_labels(self.meta, level).unique())
+        return fold_stability(self.fold_importance, meta, by=level, k=self.k, groups=groups)
+
+    def frame(self, level: str | None = None) -> pd.DataFrame:
+        """Tidy importance table: one row per (level, group), ranked, with fold stability.
+
+        Columns: ``level, group, rank, n_features, mean_abs_shap, mean_shap,
+        top_k_frequency, mean_rank, sd_rank, n_folds`` (stability NaN without fold data).
+        """
+        levels = LEVELS if level is None else (level,)
+        out = []
+        for lv in levels:
+            sums = self.by(lv)
+            labels = group_labels(self.meta, lv)
+            imp = sums.abs().mean(axis=0)
+            t = pd.DataFrame({
+                "level": lv,
+                "group": imp.index,
+                "n_features": labels.value_counts().reindex(imp.index).to_numpy(),
+                "mean_abs_shap": imp.to_numpy(),
+                "mean_shap": sums.mean(axis=0).reindex(imp.index).to_numpy(),
+            })
+            t = t.sort_values(["mean_abs_shap", "group"], ascending=[False, True], kind="stable")
+            t.insert(2, "rank", np.arange(1, len(t) + 1))
+            st = self.stability(lv)
+            cols = ["top_k_frequency", "mean_rank", "sd_rank", "n_folds"]
+            if st is not None:
+                t = t.join(st[cols], on="group")
+            else:
+                t = t.assign(**dict.fromkeys(cols, np.nan))
+            out.append(t)
+        return pd.concat(out, ignore_index=True)
+
+    def patient_frame(self, level: str = "population") -> pd.DataFrame:
+        """Tidy per-patient table: ``patient_id, level, group, shap`` (signed sums)."""
+        sums = self.by(level)
+        long = sums.rename_axis(index="patient_id", columns="group").stack().rename("shap")
+        return long.reset_index().assign(level=level)[["patient_id", "level", "group", "shap"]]
+
+    def interaction_frame(self, top: int = 15) -> pd.DataFrame:
+        """The strongest feature pairs of the final model (empty without interactions)."""
+        if self.interactions is None:
+            return pd.DataFrame(columns=["feature_a", "feature_b", "mean_abs_interaction"])
+        meta = feature_meta(self.interaction_names, self.meta)
+        return interaction_pairs(self.interactions, self.interaction_names, top=top, meta=meta)
+
+    def plot(self, level: str = "population", *, top: int = 15) -> bytes:
+        """PNG of the importance per group at ``level``, with fold stability when known."""
+        from predictor.report.plots import importance_plot
+
+        return importance_plot(self.frame(level), title=f"Importance per {level}", k=self.k, top=top)
+
+    def explanation(self, features: Sequence[str] | None = None):
+        """The values as a ``shap.Explanation`` (for shap's plots)."""
+        return to_explanation(self.values, self.base_value, self.data, features=features)
+
+
+def explain_model(booster: xgb.Booster, X: pd.DataFrame, meta: pd.DataFrame | None = None, *,
+                  oof_shap: pd.DataFrame | None = None, fold_importance: pd.DataFrame | None = None,
+                  interactions: bool = True, k: int = 5, baseline: str | None = None) -> Explanations:
+    """Explanations of a model on its training patients ``X``.
+
+    ``oof_shap`` (patients × features, out-of-fold; an optional ``base_value`` column holds the
+    fold models' expected values) replaces the final model's in-sample SHAP values when given;
+    interaction values always come from the final model.
+    """
+    names = list(booster.feature_names or X.columns)
+    final, base = shap_values(booster, X)
+    if oof_shap is not None and not oof_shap.empty:
+        values = oof_shap.drop(columns=["base_value"], errors="ignore").astype(float).fillna(0.0)
+        if "base_value" in oof_shap.columns:
+            base = float(pd.to_numeric(oof_shap["base_value"], errors="coerce").mean())
+        source = "out-of-fold"
+    else:
+        values, source = final, "in-sample"
+    all_meta = feature_meta(list(values.columns), meta, baseline=baseline)
+    inter, inames = (None, [])
+    if interactions:
+        inter, inames, _ = interaction_values(booster, X[names])
+    data = X.reindex(index=values.index, columns=values.columns).astype(float)
+    return Explanations(values, base, data, all_meta, source, inter, inames, fold_importance, k)
+
+
+def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True) -> Explanations:
+    """Explanations of a bundle's model (out-of-fold SHAP and fold importances when stored)."""
+    X = bundle.train_features()
+    oof = _read_table(bundle.path / "oof_shap.csv", index_col=0)
+    if oof is not None:
+        oof.index = oof.index.astype(str)
+        X = X.copy()
+        X.index = X.index.astype(str)
+    fi = _read_table(bundle.path / "fold_importance.csv")
+    if fi is not None and not {"repeat", "fold", "feature", "mean_abs_shap"} <= set(fi.columns):
+        fi = None
+    baseline = getattr(bundle.feature_config, "baseline", None)
+    return explain_model(bundle.booster, X, bundle.schema, oof_shap=oof, fold_importance=fi,
+                         interactions=interactions, k=k, baseline=baseline)
+
+
+def _read_table(path: Path, **kw: Any) -> pd.DataFrame | None:
+    return pd.read_csv(path, **kw) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------ words
+
+
+def _cells(pop: str) -> str:
+    """'CD8 T' → 'CD8 T cells'; 'B cells', 'Monocytes' stay as they are."""
+    return pop if pop.endswith("s") else f"{pop} cells"
+
+
+def _subject(m: Mapping[str, str], *, delta: bool) -> str:
+    pop, marker, stat = m.get("population", ""), m.get("marker", ""), m.get("statistic", "")
+    cond = m.get("condition", "")
+    if stat == "frac_pos":
+        what = f"the share of {_cells(pop)} positive for {marker}"
+    elif stat == "median":
+        what = f"the {marker} level on {_cells(pop)}"
+    elif stat in _FREQ and delta:
+        what = _cells(pop)
+    elif stat == "pct_live":
+        what = f"the {pop} share of live cells"
+    elif stat == "pct_parent":
+        what = f"the {pop} share of its parent population"
+    elif stat == "count":
+        what = f"the {pop} cell count"
+    else:
+        what = " ".join(x for x in (pop, marker, stat) if x)
+    if cond == "stim":
+        what += " after stimulation"
+    elif cond == "stim-unstim":
+        what += " (stimulated minus unstimulated)"
+    return what
+
+
+def _quantity(m: Mapping[str, str], value: float) -> str:
+    stat, tp = m.get("statistic", ""), m.get("timepoint", "")
+    words = _STAT_WORDS.get(stat, stat)
+    if "-" in tp:
+        on, _, base = tp.partition("-")
+        if stat in _FREQ:
+            return f"{words} ×{2.0 ** value:.2f} from {base} to {on}"
+        if stat == "frac_pos":
+            return f"{100 * value:+.1f} percentage points"
+        return f"Δ {words} = {value:+.3g}"
+    if stat in ("pct_live", "pct_parent"):
+        return f"{value:.3g}{words}"
+    if stat == "frac_pos":
+        return f"{100 * value:.1f}% positive"
+    if stat == "median":
+        return f"median arcsinh intensity {value:.3g}"
+    return f"{words} = {value:.3g}"
+
+
+def _ordinal(p: float) -> str:
+    n = min(max(int(round(100 * p)), 1), 99)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def describe_driver(feature: str, value: float, shap: float, *, meta: Mapping[str, str] | None = None,
+                    reference: Sequence[float] | np.ndarray | None = None,
+                    outcome: str = "the predicted chance of benefit") -> str:
+    """A driver in plain words.
+
+    With the feature's metadata and the training patients' values (``reference``): "CD8 T
+    cells expanded from baseline to week6 more than in most training patients (% of live cells
+    ×1.74 from baseline to week6; 88th percentile of training patients), which raised the
+    predicted chance of benefit (SHAP +0.42)." Without: "<feature> = 1.2 raised the ...".
+    ``outcome`` names what the model predicts (e.g. "the predicted risk of progression").
+    """
+    verb = "raised" if shap > 0 else "lowered"
+    tail = f"which {verb} {outcome} (SHAP {shap:+.2f})."
+    if meta is None or not meta.get("population") or not meta.get("statistic"):
+        shown = "missing" if value != value else f"{value:.3g}"
+        return f"{feature} = {shown} {verb} {outcome} (SHAP {shap:+.2f})"
+    tp = str(meta.get("timepoint", ""))
+    delta = "-" in tp
+    subject = _subject(meta, delta=delta)
+    if subject.startswith("the "):
+        subject = "The " + subject[4:]
+    if value != value:
+        return f"{subject} could not be measured (missing value), {tail}"
+    ref = np.asarray(reference if reference is not None else [], dtype=float)
+    ref = ref[np.isfinite(ref)]
+    pct = float((ref < value).mean() + 0.5 * (ref == value).mean()) if ref.size else float("nan")
+    high, low = pct >= 0.75, pct <= 0.25
+    if delta:
+        on, _, base = tp.partition("-")
+        up, down = ("expanded", "contracted") if meta.get("statistic") in _FREQ else ("rose", "fell")
+        moved = up if value > 0 else down if value < 0 else "did not change"
+        body = f"{subject} {moved} from {base} to {on}"
+        if pct == pct and value != 0:
+            if (value > 0 and high) or (value < 0 and low):
+                body += " more than in most training patients"
+            elif (value > 0 and low) or (value < 0 and high):
+                body += ", less than in most training patients"
+            else:
+                body += ", about as much as in typical training patients"
+    else:
+        body = f"{subject}" + (f" at {tp}" if tp else "")
+        if pct == pct:
+            rel = ("higher than in most training patients" if high else
+                   "lower than in most training patients" if low else "typical of the training patients")
+            body += f" was {rel}"
+    where = _quantity(meta, value)
+    if pct == pct:
+        where += f"; {_ordinal(pct)} percentile of training patients"
+    return f"{body} ({where}), {tail}"

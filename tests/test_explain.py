@@ -7,7 +7,21 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from predictor.explain import aggregate_shap, shap_values, top_drivers
+from predictor.explain import (
+    LEVELS,
+    aggregate_shap,
+    describe_driver,
+    explain_bundle,
+    explain_model,
+    feature_meta,
+    fold_stability,
+    group_labels,
+    interaction_pairs,
+    interaction_values,
+    parse_feature_name,
+    shap_values,
+    top_drivers,
+)
 from predictor.model.bundle import load_bundle, save_bundle
 from predictor.model.train import calibrate
 from predictor.score import score_features
@@ -126,3 +140,178 @@ def test_score_features_matches_columns_by_name(bundle, model_parts) -> None:
     reference = score_features(bundle, X)
     shuffled = X[list(X.columns[::-1])].assign(**{"unrelated feature": 3.0})
     pd.testing.assert_frame_equal(score_features(bundle, shuffled), reference)
+
+
+# ------------------------------------------------------------------------------ interactions
+
+
+def test_interaction_values_add_up_to_shap_values(model_parts) -> None:
+    booster, X = model_parts["booster"], model_parts["features"]
+    inter, names, base = interaction_values(booster, X)
+    values, base_contrib = shap_values(booster, X)
+    assert names == list(values.columns) and inter.shape == (len(X), len(names), len(names))
+    np.testing.assert_allclose(inter.sum(axis=2), values.to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(inter, inter.transpose(0, 2, 1), atol=1e-6)  # symmetric
+    assert base == pytest.approx(base_contrib, abs=1e-6)
+
+
+def test_interaction_values_equal_tree_explainer(model_parts) -> None:
+    shap = pytest.importorskip("shap")
+    booster, X = model_parts["booster"], model_parts["features"].head(12)
+    inter, _, _ = interaction_values(booster, X)
+    ref = shap.TreeExplainer(booster).shap_interaction_values(X)
+    np.testing.assert_allclose(inter, ref, atol=1e-5)
+
+
+def test_interaction_pairs_find_a_planted_interaction() -> None:
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(300, 4)), columns=["a", "b", "c", "d"])
+    y = ((X["a"] > 0) ^ (X["c"] > 0)).astype(int)  # pure interaction of a and c
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 2, "eta": 0.3, "nthread": 1},
+                        xgb.DMatrix(X, label=y), num_boost_round=30)
+    inter, names, _ = interaction_values(booster, X)
+    pairs = interaction_pairs(inter, names, top=3)
+    assert {pairs.at[0, "feature_a"], pairs.at[0, "feature_b"]} == {"a", "c"}
+    assert pairs["mean_abs_interaction"].is_monotonic_decreasing
+
+
+# ------------------------------------------------------------------------------ metadata and groups
+
+
+def test_parse_feature_name_inverts_feature_name() -> None:
+    from predictor.features.matrix import feature_name
+
+    for key in [("CD8 T", "IFNg", "frac_pos", "stim", "week6-baseline"),
+                ("Treg", "", "pct_parent", "unstim", "baseline"),
+                ("Monocytes", "CD14", "median", "stim-unstim", "week6-baseline")]:
+        parsed = parse_feature_name(feature_name(*key), baseline="baseline")
+        assert tuple(parsed.values()) == key
+    assert parse_feature_name("CD8 T | % live | unstim | Δweek6")["timepoint"] == "Δweek6"
+
+
+def test_feature_meta_prefers_the_schema_and_parses_the_rest(model_parts) -> None:
+    meta = model_parts["meta"]
+    names = [*meta.index[:2], "NK | TNFa | frac+ | stim | Δweek6"]
+    out = feature_meta(names, meta, baseline="baseline")
+    assert out.loc[names[0]].tolist() == meta.loc[names[0]].tolist()
+    assert out.loc[names[2]].tolist() == ["NK", "TNFa", "frac_pos", "stim", "week6-baseline"]
+
+
+def test_group_labels_per_contrast_and_unknown_level(model_parts) -> None:
+    meta = model_parts["meta"]
+    contrast = group_labels(meta, "contrast")
+    assert contrast.iloc[0] == "unstim · Δweek6"
+    assert contrast.iloc[2] == "stim − unstim · baseline"
+    with pytest.raises(ValueError, match="'by' parameter must be one of"):
+        group_labels(meta, "tissue")
+
+
+def test_fold_stability_counts_top_k_and_ranks() -> None:
+    fi = pd.DataFrame({
+        "repeat": [0, 0, 0, 0, 0, 0, 1, 1],
+        "fold": [0, 0, 0, 1, 1, 1, 0, 0],
+        "feature": ["a1", "a2", "b1", "a1", "b1", "c1", "b1", "c1"],
+        "mean_abs_shap": [0.3, 0.3, 0.5, 0.1, 0.4, 0.2, 0.9, 0.1],
+    })
+    meta = pd.DataFrame({"population": ["A", "A", "B", "C"], "marker": "", "statistic": "median",
+                         "condition": "unstim", "timepoint": "baseline"},
+                        index=["a1", "a2", "b1", "c1"])
+    st = fold_stability(fi, meta, k=1, groups=["A", "B", "C", "D"])
+    # fold 0/0: A 0.6 > B 0.5 > C = D = 0;  0/1: B 0.4 > C 0.2 > A 0.1 > D 0;  1/0: B > C > A = D
+    assert st.loc["A", "top_k_frequency"] == pytest.approx(1 / 3)
+    assert st.loc["B", "top_k_frequency"] == pytest.approx(2 / 3)
+    assert st.loc["B", "mean_rank"] == pytest.approx((2 + 1 + 1) / 3)
+    assert st.loc["A", "mean_rank"] == pytest.approx((1 + 3 + 3.5) / 3)
+    assert st.loc["D", "mean_rank"] == pytest.approx((3.5 + 4 + 3.5) / 3)
+    assert st.loc["D", "sd_rank"] == pytest.approx(np.std([3.5, 4, 3.5], ddof=1))
+    assert (st["n_folds"] == 3).all()
+
+
+# ------------------------------------------------------------------------------ the result object
+
+
+def test_explanations_frame_is_tidy_and_exact(model_parts) -> None:
+    booster, X, meta = model_parts["booster"], model_parts["features"], model_parts["meta"]
+    ex = explain_model(booster, X, meta)
+    assert ex.source == "in-sample"
+    frame = ex.frame()
+    assert set(frame["level"]) == set(LEVELS)
+    assert {"group", "rank", "n_features", "mean_abs_shap", "mean_shap", "top_k_frequency"} <= set(frame.columns)
+    values, _ = shap_values(booster, X)
+    for level in LEVELS:
+        sums = ex.by(level)
+        np.testing.assert_allclose(sums.sum(axis=1), values.sum(axis=1), atol=1e-5)  # additivity
+        part = frame[frame["level"] == level]
+        assert part["n_features"].sum() == X.shape[1]
+        assert list(part["rank"]) == list(range(1, len(part) + 1))
+        assert part["mean_abs_shap"].is_monotonic_decreasing
+        np.testing.assert_allclose(part.set_index("group")["mean_abs_shap"],
+                                   sums.abs().mean().reindex(part["group"]), rtol=1e-12)
+    assert frame["top_k_frequency"].isna().all()  # no fold importances given
+    long = ex.patient_frame("marker")
+    assert list(long.columns) == ["patient_id", "level", "group", "shap"]
+    assert len(long) == len(X) * ex.by("marker").shape[1]
+
+
+def _write_oof_tables(path, booster, X) -> None:
+    values, base = shap_values(booster, X)
+    oof = (values * 0.5).assign(base_value=base - 0.1)
+    oof.index.name = "patient_id"
+    oof.to_csv(path / "oof_shap.csv")
+    rows = [{"repeat": 0, "fold": f, "feature": c, "mean_abs_shap": float(abs(values[c]).mean()) * (1 + f),
+             "rank": i + 1} for f in range(3) for i, c in enumerate(values.columns)]
+    pd.DataFrame(rows).to_csv(path / "fold_importance.csv", index=False)
+
+
+def test_explain_bundle_uses_out_of_fold_tables_when_present(bundle, tmp_path) -> None:
+    import shutil
+
+    from predictor.model.bundle import load_bundle
+
+    ex = explain_bundle(bundle)
+    assert ex.source == "in-sample" and ex.fold_importance is None
+    assert ex.stability() is None and ex.interactions is not None
+    copy = tmp_path / "v001"
+    shutil.copytree(bundle.path, copy)
+    X = bundle.train_features()
+    _write_oof_tables(copy, bundle.booster, X)
+    ex2 = explain_bundle(load_bundle(copy))
+    assert ex2.source == "out-of-fold"
+    assert "base_value" not in ex2.values.columns
+    np.testing.assert_allclose(ex2.values.to_numpy(), 0.5 * ex.values.to_numpy(), atol=1e-6)
+    assert ex2.base_value == pytest.approx(ex.base_value - 0.1, abs=1e-6)
+    pop = ex2.frame("population")
+    assert pop["n_folds"].eq(3).all() and pop["top_k_frequency"].between(0, 1).all()
+
+
+# ------------------------------------------------------------------------------ words
+
+
+def test_describe_driver_in_plain_words() -> None:
+    ref = np.linspace(-1, 1, 41)
+    expanded = describe_driver("x", 0.8, 0.42, reference=ref, meta={
+        "population": "CD8 T", "marker": "", "statistic": "pct_live", "condition": "unstim",
+        "timepoint": "week6-baseline"})
+    assert expanded.startswith("CD8 T cells expanded from baseline to week6 more than in most training patients")
+    assert "×1.74" in expanded and "raised the predicted chance of benefit (SHAP +0.42)" in expanded
+    low = describe_driver("x", 2.0, -0.3, reference=np.linspace(2, 10, 30), meta={
+        "population": "Treg", "marker": "", "statistic": "pct_parent", "condition": "unstim",
+        "timepoint": "baseline"})
+    assert low.startswith("The Treg share of its parent population at baseline was lower than in most")
+    assert "lowered" in low
+    cyto = describe_driver("x", 0.05, 0.2, reference=np.zeros(10), meta={
+        "population": "CD4 T", "marker": "IL-2", "statistic": "frac_pos", "condition": "stim",
+        "timepoint": "week6-baseline"})
+    assert "share of CD4 T cells positive for IL-2 after stimulation rose" in cyto
+    assert "+5.0 percentage points" in cyto
+    missing = describe_driver("x", float("nan"), 0.2, meta={
+        "population": "NK", "marker": "TNFa", "statistic": "frac_pos", "condition": "stim",
+        "timepoint": "baseline"})
+    assert "could not be measured" in missing
+    assert describe_driver("feat", 1.0, -0.5) == "feat = 1 lowered the predicted chance of benefit (SHAP -0.50)"
+
+
+def test_explanations_plot_is_a_png(model_parts) -> None:
+    ex = explain_model(model_parts["booster"], model_parts["features"], model_parts["meta"], interactions=False)
+    png = ex.plot("marker")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
