@@ -120,7 +120,6 @@ def features(
         raise PredictorError(f"{out}: folder exists and is not empty; choose another --out or pass --force.")
     pnl = read_panel(panel)
     sheet = read_sample_sheet(samples)
-    sheet = sheet[sheet["timepoint"].isin(cfg.timepoints) & sheet["condition"].isin(cfg.conditions)]
     fs = extract_features(sheet, pnl, config=cfg, template=template, clusters=clusters, cache=cache,
                           scheduler=scheduler, progress=True)
     fs.save(out, overwrite=force)

@@ -23,7 +23,7 @@ from predictor.explain import shap_values, top_drivers
 from predictor.features import FeatureSet, extract_features
 from predictor.io.fcs import read_fcs_header
 from predictor.io.panel import Panel
-from predictor.io.samplesheet import read_sample_sheet
+from predictor.io.samplesheet import read_sample_sheet, select_samples
 from predictor.model.bundle import Bundle, load_bundle
 from predictor.model.train import calibrate
 from predictor.populations.gating import Gating
@@ -191,7 +191,7 @@ def score_samples(
     if n_jobs is not None:
         fc = replace(fc, n_jobs=n_jobs)
     sheet = read_sample_sheet(samples)
-    sheet = sheet[sheet["timepoint"].isin(fc.timepoints) & sheet["condition"].isin(fc.conditions)]
+    sheet = select_samples(sheet, timepoints=fc.timepoints, conditions=fc.conditions)
     if sheet.empty:
         raise ScoringError(
             f"{samples}: no sample with timepoint in {list(fc.timepoints)} and condition in "

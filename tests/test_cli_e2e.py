@@ -123,3 +123,20 @@ def test_shipped_demo_experiment_matches_demo_defaults(tmp_path):
     assert replace(shipped, source=None) == built
     baseline = load_experiment(root / "experiments" / "il7_baseline.toml")
     assert baseline.features.mode == "baseline" and baseline.features.timepoints == ("baseline",)
+
+
+def test_typo_in_sample_sheet_is_named_not_dropped(tmp_path, capsys):
+    from predictor.simulate import simulate_cohort
+
+    c = simulate_cohort(tmp_path / "c", n_patients=4, seed=2, cells_per_sample=500)
+    sheet = pd.read_csv(c.samples)
+    sheet.loc[2, "timepoint"] = "basline"
+    sheet["file"] = [str(c.root / f) for f in sheet["file"]]
+    sheet.to_csv(tmp_path / "typo.csv", index=False)
+    capsys.readouterr()
+    rc = main(["features", "--samples", str(tmp_path / "typo.csv"), "--panel", str(c.panel),
+               "--out", str(tmp_path / "out"), "--jobs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "row 4" in err and "'timepoint'" in err and "Did you mean 'baseline'" in err
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from predictor.features.matrix import build_matrix
 from predictor.features.stats import sample_statistics
 from predictor.io.fcs import read_fcs
 from predictor.io.panel import Panel, apply_panel
+from predictor.io.samplesheet import select_samples
 from predictor.populations import Clustering, fit_clustering, populations_from_dict
 from predictor.populations.gating import (
     Gating,
@@ -232,7 +233,7 @@ def extract_features(
         Seed of the subsampling.
     """
     cfg = config or FeatureConfig()
-    need = samples[samples["timepoint"].isin(cfg.timepoints) & samples["condition"].isin(cfg.conditions)]
+    need = select_samples(samples, timepoints=cfg.timepoints, conditions=cfg.conditions)
     if need.empty:
         raise FeatureError(
             f"No sample has a timepoint in {list(cfg.timepoints)} and a condition in "

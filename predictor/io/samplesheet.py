@@ -17,7 +17,8 @@ import pandas as pd
 
 from predictor.errors import ClinicalError, PredictorError, SampleSheetError
 
-__all__ = ["SAMPLE_COLUMNS", "read_sample_sheet", "check_cohort"]
+__all__ = [
+    "select_samples", "SAMPLE_COLUMNS", "read_sample_sheet", "check_cohort"]
 
 SAMPLE_COLUMNS = ("sample_id", "patient_id", "file", "path", "timepoint", "condition", "batch")
 _REQUIRED = ("sample_id", "patient_id", "file", "timepoint", "condition")
@@ -224,6 +225,31 @@ def _check_files(df: pd.DataFrame, source: Path, folder: Path) -> None:
             f"{source}: {len(missing)} file(s) not found (paths are relative to {folder}): "
             f"{_listing(missing, limit=5)}. Fix the 'file' column or move the files."
         )
+
+
+def select_samples(
+    samples: pd.DataFrame,
+    *,
+    timepoints: Sequence[str],
+    conditions: Sequence[str],
+    source: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """The rows an analysis uses: declared timepoints and conditions.
+
+    Other labels (e.g. a ``week12`` the experiment does not use) are left out, but a label
+    that looks like a typo of a declared one (``basline``) is an error naming the row and
+    column, never a silently dropped sample.
+    """
+    source = source or samples.attrs.get("source", "the sample sheet")
+    for column, declared in (("timepoint", list(timepoints)), ("condition", list(conditions))):
+        for i, value in samples[column].items():
+            if value not in declared and _did_you_mean(value, declared):
+                raise SampleSheetError(
+                    f"{source}, row {_row(i)}, column '{column}': {value!r} is not a declared "
+                    f"{column} ({', '.join(declared)}).{_did_you_mean(value, declared)}"
+                )
+    keep = samples["timepoint"].isin(timepoints) & samples["condition"].isin(conditions)
+    return samples[keep]
 
 
 # ------------------------------------------------------------------ cohort
