@@ -8,6 +8,8 @@ experiment can be run from anywhere. The dataclass defaults are the built-in dem
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ __all__ = [
     "FeatureConfig",
     "OutcomeConfig",
     "ModelConfig",
+    "SearchConfig",
     "CVConfig",
     "TrackingConfig",
     "ExperimentConfig",
@@ -28,6 +31,13 @@ __all__ = [
 ]
 
 STATISTICS = ("count", "pct_parent", "pct_live", "median", "frac_pos")
+SEARCHABLE = (
+    "max_depth", "learning_rate", "n_estimators", "max_features", "colsample_bytree",
+    "subsample", "min_child_weight", "reg_lambda",
+)
+SEARCH_METRICS = ("auto", "auroc", "logloss", "cindex")
+PERMUTATION_TESTS = ("fixed", "nested")
+MAX_GRID = 256
 FEATURE_MODES = ("on-treatment", "baseline")
 
 
@@ -69,6 +79,52 @@ class OutcomeConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Hyper-parameter grid searched in the inner loop of the nested CV (``[model.search]``).
+
+    Every list names values of the ``[model]`` parameter of the same name; parameters not
+    listed stay at their ``[model]`` value. On each outer training fold an inner
+    patient-grouped stratified CV (``inner_folds``) scores every setting by its pooled inner
+    out-of-fold ``metric`` and the outer fold is predicted by a refit with the best one; the
+    final model's settings are chosen the same way on all patients. Ties go to the earliest
+    setting in grid order (parameters in the order above, values in the order listed), so list
+    the simplest values first.
+
+    ``permutation_test``: ``"fixed"`` (default) reruns, on each permuted outcome, the CV of the
+    ``[model]`` settings without tuning and compares it with the same statistic on the real
+    outcome: a valid test that the outcome is unrelated to the features, whose statistic is
+    not the tuned headline AUROC. ``"nested"`` reruns the whole nested procedure, inner tuning
+    included, so the statistic is the headline's own repeat 0; it costs (grid fits × inner
+    folds + 1) times more per permutation.
+    """
+
+    max_depth: tuple[int, ...] = ()
+    learning_rate: tuple[float, ...] = ()
+    n_estimators: tuple[int, ...] = ()
+    max_features: tuple[int, ...] = ()
+    colsample_bytree: tuple[float, ...] = ()
+    subsample: tuple[float, ...] = ()
+    min_child_weight: tuple[float, ...] = ()
+    reg_lambda: tuple[float, ...] = ()
+    inner_folds: int = 3
+    metric: str = "auto"  # auroc | logloss (binary), cindex (survival); auto picks the first
+    permutation_test: str = "fixed"  # or "nested"
+
+    @property
+    def grid(self) -> dict[str, tuple]:
+        """The searched parameters and their values, in grid order."""
+        return {k: getattr(self, k) for k in SEARCHABLE if getattr(self, k)}
+
+    @property
+    def size(self) -> int:
+        """Number of settings in the grid."""
+        n = 1
+        for values in self.grid.values():
+            n *= len(values)
+        return n
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     n_estimators: int = 150
     max_depth: int = 2
@@ -78,6 +134,7 @@ class ModelConfig:
     min_child_weight: float = 1.0
     reg_lambda: float = 1.0
     max_features: int = 200  # univariate filter inside each training fold; 0 = keep all
+    search: SearchConfig | None = None  # [model.search]: tuned in the inner CV loop
 
 
 @dataclass(frozen=True)
@@ -123,8 +180,10 @@ class ExperimentConfig:
         def conv(v: Any) -> Any:
             if isinstance(v, Path):
                 return str(v)
-            if isinstance(v, tuple):
-                return list(v)
+            if isinstance(v, tuple | list):
+                return [conv(x) for x in v]
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
             return v
 
         out: dict[str, Any] = {}
@@ -135,6 +194,39 @@ class ExperimentConfig:
             elif value is not None:
                 out[f.name] = conv(value)
         return out
+
+    def to_toml(self) -> str:
+        """The configuration as an experiment file (``None`` and empty lists left out)."""
+        d = self.to_dict()
+        d.pop("source", None)
+        lines = [f"name = {_toml_value(d.pop('name'))}", f"seed = {_toml_value(d.pop('seed'))}"]
+
+        def table(name: str, body: dict[str, Any]) -> None:
+            lines.extend(["", f"[{name}]"])
+            nested = []
+            for k, v in body.items():
+                if isinstance(v, dict):
+                    nested.append((k, v))
+                elif v is not None and v != []:
+                    lines.append(f"{k} = {_toml_value(v)}")
+            for k, v in nested:
+                table(f"{name}.{k}", v)
+
+        for section, body in d.items():
+            table(section, body)
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON strings are TOML basic strings
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
 
 
 def _fail(where: str, name: str, must: str, got: Any) -> None:
@@ -167,6 +259,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         v = getattr(m, name)
         if not 0 < v <= 1:
             _fail("[model]", name, "a float in (0, 1]", v)
+    if m.search is not None:
+        _validate_search(m.search, cfg.outcome.kind)
     c = cfg.cv
     if c.folds < 2:
         _fail("[cv]", "folds", "an int >= 2", c.folds)
@@ -178,6 +272,81 @@ def _validate(cfg: ExperimentConfig) -> None:
         _fail("[cv]", "bootstrap", "an int >= 0", c.bootstrap)
     if not (c.threshold_rule == "youden" or c.threshold_rule.startswith("sensitivity:")):
         _fail("[cv]", "threshold_rule", "'youden' or 'sensitivity:<0..1>'", c.threshold_rule)
+
+
+# parameter → (type, check, description): the same ranges as the [model] values
+_SEARCH_RULES: dict[str, tuple[type, Any, str]] = {
+    "max_depth": (int, lambda v: v >= 1, "ints >= 1"),
+    "n_estimators": (int, lambda v: v >= 1, "ints >= 1"),
+    "max_features": (int, lambda v: v >= 0, "ints >= 0 (0 keeps all features)"),
+    "learning_rate": (float, lambda v: 0 < v <= 1, "floats in (0, 1]"),
+    "colsample_bytree": (float, lambda v: 0 < v <= 1, "floats in (0, 1]"),
+    "subsample": (float, lambda v: 0 < v <= 1, "floats in (0, 1]"),
+    "min_child_weight": (float, lambda v: v >= 0, "floats >= 0"),
+    "reg_lambda": (float, lambda v: v >= 0, "floats >= 0"),
+}
+
+
+def _validate_search(s: SearchConfig, kind: str) -> None:
+    where = "[model.search]"
+    for name, (typ, ok, desc) in _SEARCH_RULES.items():
+        values = getattr(s, name)
+        if not isinstance(values, tuple):
+            _fail(where, name, f"a non-empty list of {desc}", values)
+        if not values:
+            continue
+        good_type = all(
+            not isinstance(v, bool)
+            and (isinstance(v, int) if typ is int else isinstance(v, int | float))
+            and math.isfinite(v)
+            for v in values
+        )
+        if not good_type or not all(ok(v) for v in values):
+            _fail(where, name, f"a non-empty list of {desc}", list(values))
+        if len(set(values)) != len(values):
+            _fail(where, name, "a list without repeated values", list(values))
+    if not s.grid:
+        _fail(where, "search", f"a table listing values for at least one of {', '.join(SEARCHABLE)}",
+              {})
+    if s.size > MAX_GRID:
+        _fail(where, "search", f"a grid of at most {MAX_GRID} settings (each costs a fit per "
+              "inner fold per outer fold)", f"{s.size} settings")
+    if isinstance(s.inner_folds, bool) or not isinstance(s.inner_folds, int) or s.inner_folds < 2:
+        _fail(where, "inner_folds", "an int >= 2", s.inner_folds)
+    allowed = ("auto", "auroc", "logloss") if kind == "binary" else ("auto", "cindex")
+    if s.metric not in allowed:
+        _fail(where, "metric", f"one of {', '.join(allowed)} for a {kind} outcome", s.metric)
+    if s.permutation_test not in PERMUTATION_TESTS:
+        _fail(where, "permutation_test", f"one of {', '.join(PERMUTATION_TESTS)}",
+              s.permutation_test)
+
+
+def _build_search(raw: Any, src: Path) -> SearchConfig:
+    where = f"[model.search] of {src}"
+    if not isinstance(raw, dict):
+        _fail(f"[model] of {src}", "search", "a table ([model.search])", raw)
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{src}: unknown key(s) {', '.join(unknown)} in [model.search]; known keys: "
+            f"{', '.join(sorted(known, key=list(SearchConfig.__dataclass_fields__).index))}."
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SEARCH_RULES:
+            typ, _, desc = _SEARCH_RULES[key]
+            if not isinstance(value, list) or not value:
+                _fail(where, key, f"a non-empty list of {desc}", value)
+            if typ is float:
+                bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int | float)]
+                if bad:
+                    _fail(where, key, f"a non-empty list of {desc}", value)
+                value = [float(v) for v in value]
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return SearchConfig(**kwargs)
 
 
 _SECTIONS = {
@@ -202,7 +371,9 @@ def _build(section: str, cls: type, raw: dict[str, Any], base: Path, src: Path) 
     defaults = cls()
     for key, value in raw.items():
         default = getattr(defaults, key)
-        if isinstance(default, Path):
+        if section == "model" and key == "search":
+            value = _build_search(value, src)
+        elif isinstance(default, Path):
             value = Path(os.path.normpath(base / value))
         elif isinstance(default, tuple):
             if not isinstance(value, list):

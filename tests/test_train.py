@@ -1,28 +1,38 @@
-"""Metrics, outcome checks, patient-grouped folds, in-fold filtering and the training loop."""
+"""Metrics, outcome checks, patient-grouped folds, in-fold filtering, tuning, survival, SHAP."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
+import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
-from predictor.config import CVConfig, ModelConfig
+from predictor.config import CVConfig, ModelConfig, SearchConfig
 from predictor.errors import TrainingError
 from predictor.model import train as train_mod
 from predictor.model.metrics import (
     bootstrap_ci,
+    cindex_table,
+    comparable_pairs,
+    concordance_index,
     fast_auroc,
     metric_table,
     sensitivity_threshold,
+    univariate_cindex,
     youden_threshold,
 )
 from predictor.model.train import (
+    Outcome,
     calibrate,
     check_outcome,
+    check_survival,
     make_folds,
     select_features,
     train_model,
+    xgb_params,
 )
 
 FAST = ModelConfig(n_estimators=20, learning_rate=0.3, max_features=10)
@@ -198,13 +208,13 @@ def test_permutation_folds_are_stratified_on_the_permuted_outcome(monkeypatch) -
     # the null AUROC low (≈0.46 instead of 0.5 at 40 patients) and the p-value with it.
     X, y = planted(3, 0.0, n=40, p=8)
     calls: list[tuple[np.ndarray, list]] = []
-    original = train_mod._oof_xgb
+    original = train_mod._cv_predict
 
-    def spy(Xa, ya, folds, cfg, seed):
-        calls.append((ya.copy(), folds))
-        return original(Xa, ya, folds, cfg, seed)
+    def spy(Xa, out, folds, cfg, seed, **kw):
+        calls.append((out.y.copy(), folds))
+        return original(Xa, out, folds, cfg, seed, **kw)
 
-    monkeypatch.setattr(train_mod, "_oof_xgb", spy)
+    monkeypatch.setattr(train_mod, "_cv_predict", spy)
     cv = CVConfig(folds=4, repeats=2, permutations=8, bootstrap=0)
     train_model(X, y, model=FAST, cv=cv, random_state=0, n_jobs=1)
     assert len(calls) == 1 + 8
@@ -290,3 +300,319 @@ def test_calibrate() -> None:
     assert calibrate(np.array([0.5]), 2.0, -0.5)[0] == pytest.approx(1 / (1 + np.exp(0.5)))
     assert np.all(np.diff(calibrate(p, -1.0, 0.0)) < 0)
     assert np.isfinite(calibrate(np.array([0.0, 1.0]), 1.0, 0.0)).all()  # clipped, not inf
+
+
+# ------------------------------------------------------------------------------ C-index
+
+
+def brute_cindex(time, event, risk) -> float:
+    """Harrell's C by the definition, pair by pair."""
+    num = den = 0.0
+    for i in range(len(time)):
+        for j in range(len(time)):
+            if i == j or not event[i]:
+                continue
+            if time[i] < time[j] or (time[i] == time[j] and not event[j]):
+                den += 1
+                num += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return num / den if den else float("nan")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_concordance_index_equals_brute_force(seed) -> None:
+    rng = np.random.default_rng(seed)
+    n = 45
+    time = rng.integers(1, 15, n).astype(float)  # many tied times
+    event = rng.integers(0, 2, n)
+    risk = rng.integers(0, 6, n).astype(float)  # many tied risks
+    assert concordance_index(time, event, risk) == pytest.approx(brute_cindex(time, event, risk), abs=1e-12)
+    cont = rng.normal(size=n)
+    assert concordance_index(time, event, cont) == pytest.approx(brute_cindex(time, event, cont), abs=1e-12)
+
+
+def test_concordance_index_by_hand() -> None:
+    t = np.array([1.0, 2.0, 3.0, 4.0])
+    e = np.array([1, 1, 0, 1])
+    assert concordance_index(t, e, np.array([4.0, 3.0, 2.0, 1.0])) == 1.0  # risk falls with time
+    assert concordance_index(t, e, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
+    assert concordance_index(t, e, np.zeros(4)) == 0.5
+    # pairs: (0,1) (0,2) (0,3) (1,2) (1,3); the censored patient 2 never fails first
+    assert comparable_pairs(t, e).sum() == 5
+    tied = comparable_pairs(np.array([2.0, 2.0, 2.0]), np.array([1, 1, 0]))
+    assert tied.tolist() == [[False, False, True], [False, False, True], [False, False, False]]
+    assert np.isnan(concordance_index(t, np.zeros(4), np.arange(4.0)))
+
+
+def test_univariate_cindex_is_the_cindex_of_each_column() -> None:
+    rng = np.random.default_rng(5)
+    time = rng.exponential(10, 40).round(0) + 1
+    event = rng.integers(0, 2, 40)
+    X = rng.normal(size=(40, 7))
+    X[:, 2] = np.round(X[:, 2])  # ties
+    X[::5, 4] = np.nan  # missing at the median
+    got = univariate_cindex(X, time, event, chunk=17)  # chunking does not matter
+    x4 = np.where(np.isnan(X[:, 4]), np.nanmedian(X[:, 4]), X[:, 4])
+    want = [brute_cindex(time, event, X[:, j] if j != 4 else x4) for j in range(7)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_cindex_bootstrap_reweighting_equals_resampling() -> None:
+    rng = np.random.default_rng(2)
+    n = 30
+    time = rng.integers(1, 12, n).astype(float)
+    event = rng.integers(0, 2, n)
+    risk = -time + rng.normal(0, 4, n)
+    tab = cindex_table(time, event, risk, n_boot=200, random_state=9)["cindex"]
+    draws = np.random.default_rng(9).integers(0, n, size=(200, n))  # the same resamples
+    values = [concordance_index(time[d], event[d], risk[d]) for d in draws]
+    lo, hi = np.nanquantile(values, [0.025, 0.975])
+    assert tab["ci_low"] == pytest.approx(lo, abs=1e-12) and tab["ci_high"] == pytest.approx(hi, abs=1e-12)
+    assert tab["estimate"] == pytest.approx(brute_cindex(time, event, risk))
+    assert tab["ci_low"] < tab["estimate"] < tab["ci_high"]
+    assert np.isnan(cindex_table(time, event, risk, n_boot=0)["cindex"]["ci_low"])
+
+
+def test_univariate_auroc_ties_are_exact() -> None:
+    # equally strong features must tie exactly, so that column order (not rounding) breaks ties
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 12)
+    base = rng.normal(size=24).astype(np.float32)
+    X = np.stack([base, base * 3 + 1000, base[::-1].copy()], axis=1).astype(np.float32)
+    auc = train_mod.univariate_auroc(X, y)
+    assert auc[0] == auc[1] and auc.dtype == np.float64
+    assert auc[0] == pytest.approx(roc_auc_score(y, base), abs=1e-12)
+    assert select_features(X[:, [1, 0]], y, 1).tolist() == [0]
+
+
+# ------------------------------------------------------------------------------ survival
+
+
+def planted_survival(seed: int, beta: float, n: int = 60, p: int = 40) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cox-like data: hazard ∝ exp(beta·(f05 − f17)), uniform censoring (~30%)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, p))
+    lp = beta * (x[:, 5] - x[:, 17])
+    t_event = rng.exponential(1.0, n) * np.exp(-lp) * 10
+    t_cens = rng.uniform(5, 40, n)
+    ids = pd.Index([f"S{i:02d}" for i in range(n)], name="patient_id")
+    X = pd.DataFrame(x, columns=[f"f{j:02d}" for j in range(p)], index=ids)
+    y = pd.DataFrame({"time": np.minimum(t_event, t_cens).round(2) + 0.01,
+                      "event": (t_event <= t_cens).astype(int)}, index=ids)
+    return X, y
+
+
+def test_check_survival_errors() -> None:
+    y = pd.DataFrame({"time": [1.0, 2.0, 3.0, 4.0], "event": [1, 0, 1, 1]}, index=list("abcd"))
+    t, e = check_survival(y, folds=2)
+    assert t.tolist() == [1, 2, 3, 4] and e.tolist() == [1, 0, 1, 1]
+    with pytest.raises(TrainingError, match="needs the columns 'time' and 'event'"):
+        check_survival(y[["time"]])
+    with pytest.raises(TrainingError, match="finite and > 0; not for \\['b'\\]"):
+        check_survival(y.assign(time=[1.0, 0.0, 3.0, 4.0]))
+    with pytest.raises(TrainingError, match="0 \\(censored\\) or 1"):
+        check_survival(y.assign(event=[1, 2, 1, 1]))
+    with pytest.raises(TrainingError, match="only 3 event\\(s\\); the 5-fold"):
+        check_survival(y, folds=5)
+    with pytest.raises(TrainingError, match="missing or non-numeric time/event for patient\\(s\\) \\['c'\\]"):
+        check_survival(y.assign(time=[1.0, 2.0, None, 4.0]))
+
+
+def test_cox_label_sign_marks_censoring() -> None:
+    out = Outcome("survival", np.array([1, 0, 1]), np.array([2.0, 5.0, 7.5]))
+    assert out.label().tolist() == [2.0, -5.0, 7.5]
+    assert xgb_params(ModelConfig(), 0, kind="survival")["objective"] == "survival:cox"
+    perm = out.permuted(3)
+    # time and event move together
+    pairs = {(t, e) for t, e in zip(out.time, out.y, strict=True)}
+    assert {(t, e) for t, e in zip(perm.time, perm.y, strict=True)} == pairs
+
+
+@pytest.fixture(scope="module")
+def survival_result():
+    X, y = planted_survival(0, 2.0)  # oracle C-index 0.86
+    cv = CVConfig(folds=4, repeats=2, permutations=19, bootstrap=200)
+    return X, y, train_model(X, y, outcome="survival", model=FAST, cv=cv, random_state=0, n_jobs=1)
+
+
+def test_survival_model_finds_planted_signal(survival_result) -> None:
+    X, y, r = survival_result
+    assert r.kind == "survival" and r.metric == "cindex"
+    c = r.metrics["cindex"]
+    assert c["estimate"] > 0.72 and c["ci_low"] < c["estimate"] < c["ci_high"]
+    assert c["estimate"] == pytest.approx(concordance_index(y["time"], y["event"], r.oof["risk"]))
+    assert r.permutation["p_value"] == pytest.approx(0.05)  # 1 / (1 + 19): nothing beats it
+    assert r.permutation["statistic"] == "cindex" and r.permutation["procedure"] == "cv"
+    assert 0.35 < r.permutation["null_mean"] < 0.65
+    assert set(r.baselines) == {"best_single_feature"}
+    assert r.baselines["best_single_feature"]["cindex"]["estimate"] > 0.65
+    assert set(r.single_feature_choices) <= {"f05", "f17"}
+    assert {"f05", "f17"} <= set(r.features)
+    assert list(r.oof.columns) == ["time", "event", "risk", "risk_r0", "risk_r1", "best_single_feature"]
+    assert r.calibration == {} and r.threshold_rule == "median-risk"
+    # the threshold splits the training patients in half under the final model (hazard ratios)
+    risk = r.booster.predict(xgb.DMatrix(X[r.features].to_numpy(np.float32), feature_names=r.features))
+    assert r.threshold == pytest.approx(np.median(risk)) and (risk > 0).all()
+    assert set(r.fold_metrics.columns) >= {"n_events", "cindex"}
+
+
+def test_survival_null_outcome_is_near_chance() -> None:
+    X, y = planted_survival(1, 0.0)
+    cv = CVConfig(folds=4, repeats=1, permutations=10, bootstrap=50)
+    r = train_model(X, y, outcome="survival", model=FAST, cv=cv, random_state=0, n_jobs=1)
+    assert 0.35 < r.metrics["cindex"]["estimate"] < 0.65
+    assert r.permutation["p_value"] > 0.05
+
+
+def test_train_model_outcome_argument_is_checked() -> None:
+    X, y = planted(0, 1.0, n=20, p=5)
+    with pytest.raises(ValueError, match="'outcome' parameter of train_model"):
+        train_model(X, y, outcome="ordinal")
+    with pytest.raises(TrainingError, match="outcome='survival'"):
+        train_model(X, pd.DataFrame({"time": 1.0, "event": y}), n_jobs=1)
+
+
+# ------------------------------------------------------------------------------ OOF SHAP
+
+
+def test_oof_shap_adds_up_and_ranks_per_fold(signal_result) -> None:
+    X, y, r = signal_result
+    shap = r.oof_shap
+    assert list(shap.index) == list(X.index)
+    assert list(shap.columns) == [*X.columns, "base_value"]
+    # rows + base value = the mean over repeats of each patient's out-of-fold log-odds
+    p = r.oof[["probability_r0", "probability_r1"]].to_numpy()
+    np.testing.assert_allclose(shap.sum(axis=1), np.log(p / (1 - p)).mean(axis=1), atol=1e-4)
+    fi = r.fold_importance
+    assert list(fi.columns) == ["repeat", "fold", "feature", "mean_abs_shap", "rank"]
+    assert len(fi) == 8 * 10  # 4 folds × 2 repeats × 10 selected features
+    for (_rep, _fold), g in fi.groupby(["repeat", "fold"]):
+        assert g["rank"].tolist() == list(range(1, 11))
+        assert g["mean_abs_shap"].is_monotonic_decreasing
+    never = set(X.columns) - set(fi["feature"])
+    assert never and (shap[sorted(never)] == 0).all().all()  # never selected → 0
+    stab = r.stability(2)
+    assert set(stab.loc[stab["n_folds_top2"] == 8, "feature"]) == {"f03", "f41"}
+    assert stab.iloc[0]["share_top2"] == 1.0
+
+
+# ------------------------------------------------------------------------------ tuning
+
+
+SEARCH = SearchConfig(max_depth=(1, 2), n_estimators=(10, 30), max_features=(2, 20), inner_folds=3)
+
+
+def test_iteration_range_reads_a_shorter_model() -> None:
+    # the inner loop reads every n_estimators from one fit; the first trees must not depend on
+    # the later ones (same seed, row and column subsampling included)
+    X, y = planted(4, 1.0, n=40, p=20)
+    dm = xgb.DMatrix(X.to_numpy(np.float32), label=y.loc[X.index].to_numpy())
+    params = xgb_params(ModelConfig(subsample=0.7, colsample_bytree=0.5), 3)
+    long = xgb.train(params, dm, 40)
+    short = xgb.train(params, dm, 15)
+    np.testing.assert_array_equal(long.predict(dm, iteration_range=(0, 15)), short.predict(dm))
+
+
+def test_tuning_chooses_within_the_grid_and_records_choices() -> None:
+    X, y = planted(5, 1.5, n=48, p=30)
+    cv = CVConfig(folds=4, repeats=2, permutations=0, bootstrap=0)
+    r = train_model(X, y, model=replace(FAST, search=SEARCH), cv=cv, random_state=1, n_jobs=2)
+    fm = r.fold_metrics
+    assert {"max_depth", "n_estimators", "max_features", "inner_auroc"} <= set(fm.columns)
+    for key, values in SEARCH.grid.items():
+        assert set(fm[key]) <= set(values)
+        assert r.settings[key] in values
+    assert (fm["n_features"] == fm["max_features"]).all()
+    t = r.tuning
+    assert t["n_settings"] == 8 and t["metric"] == "auroc" and t["inner_folds"] == 3
+    table = t["table"]
+    assert len(table) == 8 and table["chosen"].sum() == 1
+    best = table[table["chosen"]].iloc[0]
+    assert best["inner_auroc"] == table["inner_auroc"].max()
+    assert {k: best[k] for k in SEARCH.grid} == t["final"]
+    assert t["final_inner_score"] == best["inner_auroc"]
+    assert len(r.features) == r.settings["max_features"]
+    assert r.booster.num_boosted_rounds() == r.settings["n_estimators"]
+    assert r.metrics["auroc"]["estimate"] > 0.75
+    # parallel outer folds give the serial result
+    again = train_model(X, y, model=replace(FAST, search=SEARCH), cv=cv, random_state=1, n_jobs=1)
+    pd.testing.assert_frame_equal(r.fold_metrics, again.fold_metrics)
+    pd.testing.assert_frame_equal(r.oof, again.oof)
+
+
+def test_tuning_by_logloss() -> None:
+    X, y = planted(6, 1.5, n=40, p=20)
+    search = replace(SEARCH, metric="logloss", max_features=())
+    cv = CVConfig(folds=4, repeats=1, permutations=0, bootstrap=0)
+    r = train_model(X, y, model=replace(FAST, search=search), cv=cv, random_state=0, n_jobs=1)
+    table = r.tuning["table"]
+    assert r.tuning["metric"] == "logloss" and "inner_logloss" in r.fold_metrics
+    assert table.loc[table["chosen"], "inner_logloss"].iloc[0] == table["inner_logloss"].min()
+
+
+def test_inner_loop_sees_outer_training_patients_only(monkeypatch) -> None:
+    X, y = planted(7, 1.5, n=36, p=12)
+    X["f00"] = np.arange(36, dtype=float)  # patient number
+    seen: list[frozenset] = []
+    original = train_mod.rank_features
+
+    def spy(Xa, out):
+        seen.append(frozenset(Xa[:, 0].astype(int).tolist()))
+        return original(Xa, out)
+
+    monkeypatch.setattr(train_mod, "rank_features", spy)
+    cv = CVConfig(folds=3, repeats=1, permutations=0, bootstrap=0)
+    search = SearchConfig(max_depth=(1, 2), inner_folds=3)
+    train_model(X, y, model=replace(FAST, search=search), cv=cv, random_state=2, n_jobs=1)
+    folds = make_folds(check_outcome(y.reindex(X.index)), X.index.to_numpy(), cv, 2)
+    for f, (_, _, tr, te) in enumerate(folds):
+        calls = seen[4 * f : 4 * f + 4]  # three inner training folds, then the outer refit
+        train_set = frozenset(tr.tolist())
+        assert calls[3] == train_set
+        for inner in calls[:3]:
+            assert inner < train_set and not inner & frozenset(te.tolist())
+            assert len(inner) == pytest.approx(len(tr) * 2 / 3, abs=1)
+    everyone = frozenset(range(36))
+    final = seen[-4:]  # the final model: inner tuning on all patients, then the refit
+    assert final[3] == everyone and all(s < everyone for s in final[:3])
+
+
+def test_permutation_procedure_with_tuning(monkeypatch) -> None:
+    X, y = planted(8, 1.0, n=32, p=10)
+    calls: list[bool] = []
+    original = train_mod._cv_predict
+
+    def spy(Xa, out, folds, cfg, seed, *, tune, **kw):
+        calls.append(tune)
+        return original(Xa, out, folds, cfg, seed, tune=tune, **kw)
+
+    monkeypatch.setattr(train_mod, "_cv_predict", spy)
+    cv = CVConfig(folds=3, repeats=1, permutations=3, bootstrap=0)
+    search = SearchConfig(max_depth=(1, 2))
+    fixed = train_model(X, y, model=replace(FAST, search=search), cv=cv, n_jobs=1)
+    # headline (tuned), the observed fixed-parameter statistic, 3 fixed-parameter permutations
+    assert calls == [True, False, False, False, False]
+    assert fixed.permutation["procedure"] == "fixed" and "not the statistic" in fixed.permutation["tests"]
+    calls.clear()
+    nested = train_model(X, y, model=replace(FAST, search=replace(search, permutation_test="nested")),
+                         cv=cv, n_jobs=1)
+    assert calls == [True, True, True, True]
+    assert nested.permutation["procedure"] == "nested"
+    assert nested.permutation["observed"] == pytest.approx(fast_auroc(nested.oof["y"], nested.oof["probability_r0"]))
+
+
+def test_inner_folds_need_enough_patients() -> None:
+    X, y = planted(9, 1.0, n=16, p=6)
+    cv = CVConfig(folds=4, repeats=1, permutations=0, bootstrap=0)
+    with pytest.raises(TrainingError, match="the 7-fold inner CV of \\[model.search\\] needs at least 7"):
+        train_model(X, y, model=replace(FAST, search=SearchConfig(max_depth=(1, 2), inner_folds=7)),
+                    cv=cv, n_jobs=1)
+
+
+def test_survival_tuning_uses_the_cindex() -> None:
+    X, y = planted_survival(3, 1.0, n=48, p=20)
+    cv = CVConfig(folds=3, repeats=1, permutations=0, bootstrap=0)
+    r = train_model(X, y, outcome="survival", model=replace(FAST, search=SearchConfig(max_depth=(1, 3))),
+                    cv=cv, n_jobs=1)
+    assert r.tuning["metric"] == "cindex" and "inner_cindex" in r.fold_metrics
+    assert set(r.fold_metrics["max_depth"]) <= {1, 3}
+    assert r.metrics["cindex"]["estimate"] > 0.6

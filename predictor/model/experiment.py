@@ -1,14 +1,22 @@
-"""One experiment end to end: data → features → evaluation → MLflow run → bundle.
+"""One experiment end to end: data → features → evaluation → MLflow run → bundle → report.
 
-:func:`run_experiment` is what ``predictor train experiments/NAME.toml`` calls.
+:func:`run_experiment` is what ``predictor train experiments/NAME.toml`` calls. The MLflow run
+holds the configuration (params, and the experiment as TOML and JSON), the headline metrics
+with CIs, the baselines and the permutation test, one nested run per outer fold (with the
+settings the inner loop chose when tuning), the registered model, and as artifacts the bundle,
+the out-of-fold predictions, SHAP values and per-fold rankings, the feature schema, the ROC
+and calibration plots and the HTML report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +25,6 @@ import pandas as pd
 
 import predictor
 from predictor.config import ExperimentConfig
-from predictor.errors import ConfigError
 from predictor.features import FeatureSet, extract_features
 from predictor.io.clinical import read_clinical
 from predictor.io.panel import read_panel
@@ -64,13 +71,147 @@ def load_experiment_data(cfg: ExperimentConfig):
     return panel, samples, clinical
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = False, n_jobs: int = 2) -> ExperimentResult:
-    """Run an experiment: features, honest evaluation, final model, MLflow run and bundle."""
-    if cfg.outcome.kind != "binary":
-        raise ConfigError(
-            f"{cfg.source}: [outcome] kind = {cfg.outcome.kind!r} is not supported yet; use "
-            "kind = 'binary' with a 0/1 column."
-        )
+def _outcome(cfg: ExperimentConfig, clinical: pd.DataFrame, index: pd.Index) -> pd.Series | pd.DataFrame:
+    if cfg.outcome.kind == "survival":
+        return clinical[["time", "event"]].reindex(index)
+    return clinical[cfg.outcome.column].reindex(index)
+
+
+def _flat_metrics(result: TrainingResult, n_patients: int, n_features: int,
+                  timings: dict[str, float]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for metric, v in result.metrics.items():
+        flat[metric] = v["estimate"]
+        flat[f"{metric}_ci_low"] = v["ci_low"]
+        flat[f"{metric}_ci_high"] = v["ci_high"]
+    for base, table in result.baselines.items():
+        for metric, v in table.items():
+            flat[f"{base}.{metric}"] = v["estimate"]
+    perm = result.permutation
+    flat[f"{result.metric}_permutation_p"] = perm["p_value"]
+    flat["permutation_observed"] = perm["observed"]
+    flat["permutation_null_mean"] = perm["null_mean"]
+    flat["threshold"] = result.threshold
+    flat["n_patients"] = n_patients
+    flat["n_features"] = n_features
+    if result.kind == "binary":
+        flat["n_responders"] = int(result.oof["y"].sum())
+    else:
+        flat["n_events"] = int(result.oof["event"].sum())
+    if result.tuning is not None:
+        flat["final_inner_score"] = result.tuning["final_inner_score"]
+    flat.update({f"time_{k}_s": v for k, v in timings.items()})
+    return flat
+
+
+def _payload(result: TrainingResult, fs: FeatureSet, timings: dict[str, float]) -> dict[str, Any]:
+    """``metrics.json`` of the bundle: the whole evaluation as plain data."""
+    tuning = None
+    if result.tuning is not None:
+        tuning = {k: v for k, v in result.tuning.items() if k != "table"}
+        tuning["settings_scores"] = result.tuning["table"].to_dict("records")
+    payload = {
+        "kind": result.kind,
+        "metric": result.metric,
+        "metrics": result.metrics,
+        "baselines": result.baselines,
+        "permutation": result.permutation,
+        "folds": result.fold_metrics.to_dict("records"),
+        "single_feature_choices": result.single_feature_choices,
+        "settings": result.settings,
+        "tuning": tuning,
+        "feature_stability_top10": result.stability(10).head(30).to_dict("records"),
+        "oof_shap": {
+            "file": "oof_shap.csv",
+            "scale": "log-odds" if result.kind == "binary" else "log hazard ratio",
+            "note": "each patient's SHAP values from the boosters of the outer folds that tested "
+                    "them, averaged over repeats; features a fold did not select are 0; a row "
+                    "plus base_value sums to the mean out-of-fold margin.",
+        },
+        "timings": timings,
+        "n_patients": len(fs.X),
+        "n_features_total": int(fs.X.shape[1]),
+    }
+    if result.calibration:
+        payload["calibration"] = result.calibration
+    return payload
+
+
+def _write_evaluation(tmpd: Path, cfg: ExperimentConfig, result: TrainingResult, fs: FeatureSet,
+                      bundle: Path) -> list[str]:
+    """Files for the run's artifacts (config, evaluation tables, plots); returns problems."""
+    problems: list[str] = []
+    (tmpd / "config").mkdir()
+    (tmpd / "config" / "experiment.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    (tmpd / "config" / "experiment.json").write_text(
+        json.dumps(cfg.to_dict(), indent=1, default=str), encoding="utf-8")
+    if cfg.source is not None and Path(cfg.source).is_file():
+        shutil.copyfile(cfg.source, tmpd / "config" / f"source-{Path(cfg.source).name}")
+    ev = tmpd / "evaluation"
+    ev.mkdir()
+    result.oof.rename_axis("patient_id").to_csv(ev / "oof_predictions.csv")
+    result.fold_metrics.to_csv(ev / "fold_metrics.csv", index=False)
+    result.frame().to_csv(ev / "metrics_table.csv", index=False)
+    if result.fold_importance is not None:
+        result.fold_importance.to_csv(ev / "fold_importance.csv", index=False)
+        result.stability(10).to_csv(ev / "feature_stability.csv", index=False)
+    if result.tuning is not None:
+        result.tuning["table"].to_csv(ev / "tuning_final.csv", index=False)
+    shutil.copyfile(bundle / "schema.json", ev / "feature_schema.json")
+    fs.meta.rename_axis("feature").to_csv(ev / "all_features.csv")
+    tables = tmpd / "tables"
+    tables.mkdir()
+    fs.qc.to_csv(tables / "qc.csv", index=False)
+    fs.populations.to_csv(tables / "populations.csv", index=False)
+    if result.kind == "binary":
+        try:
+            from predictor.report import plots
+
+            (tmpd / "plots").mkdir()
+            oof = result.oof
+            curves = {"xgboost": oof["probability"].to_numpy()}
+            aucs = {"xgboost": result.metrics["auroc"]["estimate"]}
+            for b, table in result.baselines.items():
+                curves[b] = oof[b].to_numpy()
+                aucs[b] = table["auroc"]["estimate"]
+            y = oof["y"].to_numpy()
+            (tmpd / "plots" / "roc.png").write_bytes(plots.roc_plot(y, curves, aucs))
+            cal = result.calibration
+            (tmpd / "plots" / "calibration.png").write_bytes(
+                plots.calibration_plot(cal["curve_raw"], cal["curve_calibrated"]))
+        except Exception as exc:  # a plot must never cost the run
+            problems.append(f"plots ({type(exc).__name__}: {exc})")
+    try:
+        from predictor.report.html import build_report
+
+        (tmpd / "report").mkdir()
+        build_report(bundle, tmpd / "report" / "report.html")
+    except Exception as exc:  # the report must never cost the run
+        problems.append(f"HTML report ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    progress: bool = False,
+    n_jobs: int = 2,
+    feature_cache: str | os.PathLike | None = None,
+) -> ExperimentResult:
+    """Run an experiment: features, honest evaluation, final model, MLflow run, bundle, report.
+
+    Parameters
+    ----------
+    cfg
+        The experiment (``predictor.config.load_experiment``).
+    progress
+        Show progress bars.
+    n_jobs
+        Processes for the permutation test (and the outer folds when tuning).
+    feature_cache
+        Folder of per-sample feature results reused between runs (see
+        :func:`predictor.features.extract_features`); ``None`` caches nothing.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     panel, samples, clinical = load_experiment_data(cfg)
@@ -79,13 +220,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = False, n_jobs: int
     t0 = time.perf_counter()
     fs = extract_features(
         samples, panel, config=cfg.features, template=cfg.data.template, progress=progress,
-        random_state=cfg.seed,
+        random_state=cfg.seed, cache=feature_cache,
     )
     timings["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    y = clinical[cfg.outcome.column].reindex(fs.X.index)
-    result = train_model(fs.X, y, model=cfg.model, cv=cfg.cv, random_state=cfg.seed, n_jobs=n_jobs)
+    y = _outcome(cfg, clinical, fs.X.index)
+    result = train_model(fs.X, y, model=cfg.model, cv=cfg.cv, outcome=cfg.outcome.kind,
+                         random_state=cfg.seed, n_jobs=n_jobs)
     timings["training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -93,23 +235,13 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = False, n_jobs: int
     target = TrackingTarget(tr.store, tr.artifacts, tr.experiment)
     data_files = [cfg.data.samples, cfg.data.clinical, cfg.data.panel, *map(Path, samples["path"])]
     config_json = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    all_timings = {**timings, **result.timings}
+    searched = list(cfg.model.search.grid) if cfg.model.search is not None else []
     with start_experiment_run(target, run_name=cfg.name) as run:
         run.params(cfg.to_dict())
-        flat: dict[str, float] = {}
-        for metric, v in result.metrics.items():
-            flat[metric] = v["estimate"]
-            flat[f"{metric}_ci_low"] = v["ci_low"]
-            flat[f"{metric}_ci_high"] = v["ci_high"]
-        for base, table in result.baselines.items():
-            for metric, v in table.items():
-                flat[f"{base}.{metric}"] = v["estimate"]
-        flat["auroc_permutation_p"] = result.permutation["p_value"]
-        flat["threshold"] = result.threshold
-        flat["n_patients"] = len(fs.X)
-        flat["n_features"] = fs.X.shape[1]
-        flat["n_responders"] = int(result.oof["y"].sum())
-        flat.update({f"time_{k}_s": v for k, v in {**timings, **result.timings}.items()})
-        run.metrics(flat)
+        if searched:
+            run.params({"final": {k: result.settings[k] for k in searched}})
+        run.metrics(_flat_metrics(result, len(fs.X), fs.X.shape[1], all_timings))
         run.tags(
             {
                 "predictor.version": predictor.__version__,
@@ -117,22 +249,30 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = False, n_jobs: int
                 "data_sha256": hash_files(data_files),
                 "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
                 "experiment_file": str(cfg.source or ""),
+                "outcome_kind": cfg.outcome.kind,
+                "tuned": str(bool(searched)).lower(),
+                "permutation_procedure": result.permutation["procedure"],
             }
         )
-        run.folds(result.fold_metrics)
+        run.folds(result.fold_metrics, params=searched)
         selected = fs.X[result.features]
-        model_info = run.model(result.booster, selected.head(5), cfg.model_name)
-        metrics_payload = {
-            "metrics": result.metrics,
-            "baselines": result.baselines,
-            "permutation": result.permutation,
-            "calibration": result.calibration,
-            "folds": result.fold_metrics.to_dict("records"),
-            "single_feature_choices": result.single_feature_choices,
-            "timings": {**timings, **result.timings},
-            "n_patients": len(fs.X),
-            "n_features_total": int(fs.X.shape[1]),
-        }
+        model_info = run.model(result.booster, selected.head(5), cfg.model_name,
+                               output_name="probability" if result.kind == "binary" else "risk")
+        if result.kind == "binary":
+            outcome_info = {"kind": "binary", "column": cfg.outcome.column}
+            calibration = {"method": "platt", "a": result.calibration["a"], "b": result.calibration["b"]}
+        else:
+            outcome_info = {"kind": "survival", "time": "time", "event": "event",
+                            "score": "hazard ratio (exp of the Cox margin); flag = above threshold"}
+            calibration = {}
+        tables = {"qc": fs.qc, "populations": fs.populations}
+        if result.oof_shap is not None:
+            tables["oof_shap"] = result.oof_shap.rename_axis("patient_id").reset_index()
+        if result.fold_importance is not None:
+            tables["fold_importance"] = result.fold_importance
+            tables["feature_stability"] = result.stability(10)
+        if result.tuning is not None:
+            tables["tuning"] = result.tuning["table"]
         bundle = save_bundle(
             tr.models,
             cfg.model_name,
@@ -145,31 +285,39 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = False, n_jobs: int
             info={
                 "threshold": result.threshold,
                 "threshold_rule": result.threshold_rule,
-                "calibration": {"method": "platt", "a": result.calibration["a"], "b": result.calibration["b"]},
-                "outcome": {"kind": cfg.outcome.kind, "column": cfg.outcome.column},
+                "calibration": calibration,
+                "outcome": outcome_info,
+                "settings": result.settings,
                 "mlflow": {
                     "run_id": run.run_id,
                     "experiment_id": run.experiment_id,
                     "tracking_uri": target.uri,
                     **model_info,
                 },
-                "headline": {k: v for k, v in result.metrics.items()},
+                "headline": dict(result.metrics),
                 "permutation_p": result.permutation["p_value"],
                 "predictor_version": predictor.__version__,
             },
             oof=result.oof,
-            metrics=metrics_payload,
+            metrics=_payload(result, fs, all_timings),
             experiment=cfg.to_dict(),
-            tables={"qc": fs.qc, "populations": fs.populations},
+            tables=tables,
         )
         run.tags({"bundle_path": str(bundle.resolve())})
         run.artifact_dir(bundle, "bundle")
         with tempfile.TemporaryDirectory() as tmp:
             tmpd = Path(tmp)
-            fs.qc.to_csv(tmpd / "qc.csv", index=False)
-            fs.populations.to_csv(tmpd / "populations.csv", index=False)
-            pd.DataFrame(result.frame()).to_csv(tmpd / "metrics_table.csv", index=False)
-            run.artifact_dir(tmpd, "tables")
+            problems = _write_evaluation(tmpd, cfg, result, fs, bundle)
+            run.artifact_dir(tmpd)
+        for problem in problems:
+            warnings.warn(
+                f"Experiment {cfg.name}: the {problem} could not be made; the MLflow run "
+                f"{run.run_id} and the bundle {bundle} are complete without it.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if problems:
+            run.tags({"artifact_problems": "; ".join(problems)[:5000]})
         timings["tracking"] = time.perf_counter() - t0
         return ExperimentResult(
             cfg, fs, result, run.run_id, run.experiment_id, bundle, model_info, timings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +97,21 @@ class RunLogger:
     def tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def folds(self, fold_metrics: pd.DataFrame) -> None:
-        """One nested run per outer fold with its metrics."""
+    def folds(self, fold_metrics: pd.DataFrame, *, params: Sequence[str] = ()) -> None:
+        """One nested run per outer fold: ``params`` columns (e.g. tuned settings) as params,
+        the other numeric columns as metrics."""
+        keep = {"repeat", "fold", *params}
         for row in fold_metrics.to_dict("records"):
             name = f"repeat{int(row['repeat'])}-fold{int(row['fold'])}"
-            with self._mlflow.start_run(run_name=name, nested=True):
-                self._mlflow.log_params({"repeat": int(row["repeat"]), "fold": int(row["fold"])})
+            # the parent's experiment explicitly: MLflow files nested runs without one under
+            # the active (else Default) experiment, not the parent's
+            with self._mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id):
+                self._mlflow.log_params(
+                    {"repeat": int(row["repeat"]), "fold": int(row["fold"]),
+                     **{k: row[k] for k in params if k in row}}
+                )
                 self._mlflow.log_metrics(
-                    {k: float(v) for k, v in row.items() if k not in ("repeat", "fold") and v == v}
+                    {k: float(v) for k, v in row.items() if k not in keep and v == v}
                 )
 
     def artifact_dir(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -113,8 +120,9 @@ class RunLogger:
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def model(self, booster: Any, example: pd.DataFrame, registered_model: str) -> dict[str, Any]:
-        return log_model(self._mlflow, booster, example, registered_model)
+    def model(self, booster: Any, example: pd.DataFrame, registered_model: str,
+              *, output_name: str = "probability") -> dict[str, Any]:
+        return log_model(self._mlflow, booster, example, registered_model, output_name=output_name)
 
 
 @contextmanager
@@ -132,13 +140,18 @@ def start_experiment_run(target: TrackingTarget, *, run_name: str) -> Iterator[R
         yield RunLogger(mlflow, run, target)
 
 
-def log_model(mlflow: Any, booster: Any, example: pd.DataFrame, registered_model: str) -> dict[str, Any]:
-    """Log the booster (XGBoost flavour, signature, explicit pip requirements) and register it."""
+def log_model(mlflow: Any, booster: Any, example: pd.DataFrame, registered_model: str,
+              *, output_name: str = "probability") -> dict[str, Any]:
+    """Log the booster (XGBoost flavour, signature, explicit pip requirements) and register it.
+
+    ``output_name`` names the booster's output in the signature: ``probability``, or ``risk``
+    (hazard ratio) for a survival model.
+    """
     import mlflow.xgboost
     from mlflow.models import infer_signature
 
     probs = booster.predict(__import__("xgboost").DMatrix(example))
-    signature = infer_signature(example, pd.Series(probs, name="probability"))
+    signature = infer_signature(example, pd.Series(probs, name=output_name))
     info = mlflow.xgboost.log_model(
         booster,
         name="model",
