@@ -146,16 +146,19 @@ def train(
 
 
 def _print_training(res) -> None:
-    m = res.training.metrics
-    p = res.training.permutation
+    tr = res.training
+    p = tr.permutation
     _say(f"Experiment {res.config.name}: {len(res.features.X)} patients, {res.features.X.shape[1]} features")
-    for name in ("auroc", "auprc", "balanced_accuracy", "brier"):
-        v = m[name]
+    for name, v in tr.metrics.items():
         _say(f"  {name:<18} {v['estimate']:.3f}  (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})")
-    _say(f"  permutation p      {p['p_value']:.3g}  ({p['n_permutations']} permutations)")
-    for base, table in res.training.baselines.items():
-        v = table["auroc"]
-        _say(f"  baseline {base:<20} AUROC {v['estimate']:.3f} ({v['ci_low']:.3f}–{v['ci_high']:.3f})")
+    how = f", {p['procedure']}" if p.get("procedure") else ""
+    _say(f"  permutation p      {p['p_value']:.3g}  ({p['n_permutations']} permutations{how})")
+    key = tr.metric
+    for base, table in tr.baselines.items():
+        v = table[key]
+        _say(f"  baseline {base:<20} {key} {v['estimate']:.3f} ({v['ci_low']:.3f}–{v['ci_high']:.3f})")
+    if getattr(tr, "tuning", None):
+        _say(f"  tuned settings     {tr.tuning.get('final')}")
     _say(f"  MLflow run:  {res.run_id}  (registered {res.model['registered_model']} v{res.model['registered_version']})")
     _say(f"  bundle:      {res.bundle}")
 
@@ -180,10 +183,12 @@ def score(
         raise PredictorError(f"{report}: exists already; choose another --report or pass --force.")
     scores, fs = score_samples(model, samples, out, force=force, allow_missing_markers=allow_missing_markers,
                                store=store, n_jobs=jobs, scheduler=scheduler, progress=True)
-    flagged = int(scores["flag"].sum())
+    survival = "high_risk" in scores
+    flagged = int(scores["high_risk" if survival else "flag"].sum())
+    what = "at high risk" if survival else "flagged as likely to benefit"
     warned = int((scores["warnings"] != "").sum())
-    _say(f"Scored {len(scores)} patients with {scores['model'].iloc[0]} ({flagged} flagged as likely "
-         f"to benefit, {warned} with warnings) → {out}")
+    _say(f"Scored {len(scores)} patients with {scores['model'].iloc[0]} ({flagged} {what}, "
+         f"{warned} with warnings) → {out}")
     if report is not None:
         build_report(_bundle_dir(model, store), report, scores=scores, score_features=fs.X, force=force)
         _say(f"Report → {report}")

@@ -83,7 +83,14 @@ def score_features(bundle: Bundle, X: pd.DataFrame, *, n_drivers: int = 3) -> pd
             row[f"driver_{k}_shap"] = val
         row["warnings"] = " | ".join(notes)
         rows.append(row)
-    return pd.DataFrame(rows)
+    scores = pd.DataFrame(rows)
+    if bundle.meta.get("outcome", {}).get("kind") == "survival":
+        # A Cox model scores risk: the hazard ratio vs the training median, flag = higher risk.
+        scores = scores.rename(columns={
+            "probability": "hazard_ratio", "probability_uncalibrated": "log_hazard_raw",
+            "flag": "high_risk",
+        })
+    return scores
 
 
 def _ancestors(gating: Gating, name: str) -> list[str]:

@@ -28,7 +28,7 @@ from predictor.config import ExperimentConfig
 from predictor.features import FeatureSet, extract_features
 from predictor.io.clinical import read_clinical
 from predictor.io.panel import read_panel
-from predictor.io.samplesheet import check_cohort, read_sample_sheet
+from predictor.io.samplesheet import check_cohort, read_sample_sheet, select_samples
 from predictor.model.bundle import save_bundle
 from predictor.model.tracking import TrackingTarget, git_commit, start_experiment_run
 from predictor.model.train import TrainingResult, train_model
@@ -64,7 +64,7 @@ def load_experiment_data(cfg: ExperimentConfig):
     fc = cfg.features
     panel = read_panel(cfg.data.panel)
     samples = read_sample_sheet(cfg.data.samples, timepoints=None, conditions=None)
-    samples = samples[samples["timepoint"].isin(fc.timepoints) & samples["condition"].isin(fc.conditions)]
+    samples = select_samples(samples, timepoints=fc.timepoints, conditions=fc.conditions)
     outcome = "survival" if cfg.outcome.kind == "survival" else cfg.outcome.column
     clinical = read_clinical(cfg.data.clinical, outcome=outcome)
     check_cohort(samples, clinical, timepoints=fc.timepoints, conditions=fc.conditions)
