@@ -444,6 +444,8 @@ def render_report(bundle: Bundle, *, scores: pd.DataFrame | None = None,
     explanations
         Precomputed :func:`predictor.explain.explain_bundle` result (computed when omitted).
     """
+    if scores is not None and "high_risk" in scores:  # survival scores: same card layout
+        scores = scores.rename(columns={"hazard_ratio": "probability", "high_risk": "flag"})
     m = bundle.metrics()
     oof = bundle.oof()
     exp_path = bundle.path / "experiment.json"
