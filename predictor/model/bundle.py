@@ -11,6 +11,10 @@ Layout of ``models/<name>/vNNN/``::
     features_train.parquet   training patients' values of the model's features
     oof.csv              out-of-fold predictions of the training patients
     metrics.json         the full evaluation (metrics with CIs, permutation test, baselines)
+    qc.csv, populations.csv          training cleanup QC and population table
+    oof_shap.csv         out-of-fold SHAP values of the training patients (all features)
+    fold_importance.csv, feature_stability.csv   per-fold SHAP importance and its stability
+    tuning.csv           inner-loop tuning choices (when the experiment has [model.search])
 
 ``models/<name>`` resolves to its newest version. Loading never unpickles anything.
 """
