@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import find_peaks
 
-from predictor._density import valley_center
+from predictor._density import main_mode, valley_center
 from predictor.io.panel import Panel, normalize_marker
 
 __all__ = [
@@ -360,22 +360,6 @@ def _density(x: np.ndarray, *, bins: int = 256, smooth: float = 2.0) -> _Density
                     step=float(edges[1] - edges[0]))
 
 
-def _main_mode(d: _Density) -> tuple[float, float, float]:
-    """Location of the highest mode and its left/right half-widths as Gaussian SDs."""
-    i = int(np.argmax(d.values))
-    half = d.values[i] / 2
-    left = i
-    while left > 0 and d.values[left] > half:
-        left -= 1
-    right = i
-    while right < len(d.values) - 1 and d.values[right] > half:
-        right += 1
-    fwhm_to_sd = 1 / math.sqrt(2 * math.log(2))
-    sd_left = max((i - left) * d.step, d.step) * fwhm_to_sd
-    sd_right = max((right - i) * d.step, d.step) * fwhm_to_sd
-    return float(d.centers[i]), sd_left, sd_right
-
-
 def _valleys(d: _Density, *, min_separation: float, max_ratio: float = 0.5,
              min_fraction: float = 0.003) -> list[tuple[float, int, int]]:
     """Valleys between two modes, deepest first: (depth ratio, valley index, left peak)."""
@@ -409,7 +393,7 @@ def _auto_high(x: np.ndarray, *, min_gap: float, k: float | None) -> float:
     if d is None:
         finite = x[np.isfinite(x)]
         return float(np.max(finite) + 1.0) if finite.size else 0.0
-    center, _, sd_right = _main_mode(d)
+    center, _, sd_right = main_mode(d)
     for _, v, _ in _valleys(d, min_separation=min_gap / 2):
         if d.centers[v] > center:
             return float(d.centers[v])
@@ -424,7 +408,7 @@ def _auto_low(x: np.ndarray) -> float:
     if d is None:
         finite = x[np.isfinite(x)]
         return float(np.min(finite) - 1.0) if finite.size else 0.0
-    center, sd_left, _ = _main_mode(d)
+    center, sd_left, _ = main_mode(d)
     for _, v, _ in _valleys(d, min_separation=1.0):
         if d.centers[v] < center:
             return float(d.centers[v])
@@ -438,7 +422,7 @@ def _dna_band(level: np.ndarray) -> tuple[float, float]:
     if d is None:
         finite = level[np.isfinite(level)]
         return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    center, sd_left, sd_right = _main_mode(d)
+    center, sd_left, sd_right = main_mode(d)
     low = center - _DNA_LOW_K * sd_left
     for _, v, _ in _valleys(d, min_separation=1.0):
         if d.centers[v] < center:
@@ -452,7 +436,7 @@ def _length_high(length: np.ndarray) -> float:
     if d is None:
         finite = length[np.isfinite(length)]
         return float(finite.max()) if finite.size else 0.0
-    center, _, sd_right = _main_mode(d)
+    center, _, sd_right = main_mode(d)
     return center + _LENGTH_K * sd_right
 
 

@@ -28,7 +28,7 @@ import yaml
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import find_peaks
 
-from predictor._density import valley_center
+from predictor._density import main_mode, valley_center
 from predictor.errors import GatingError
 from predictor.io.panel import normalize_marker
 
@@ -374,18 +374,7 @@ def _shoulder_threshold(values: np.ndarray, *, k: float = 2.5) -> float:
     d = _density(v, None)
     if d is None:
         return float("nan")
-    i = int(np.argmax(d.values))
-    half = d.values[i] / 2
-    left = i
-    while left > 0 and d.values[left] > half:
-        left -= 1
-    right = i
-    while right < len(d.values) - 1 and d.values[right] > half:
-        right += 1
-    to_sd = 1 / math.sqrt(2 * math.log(2))
-    sd_left = max(i - left, 1) * d.step * to_sd
-    sd_right = max(right - i, 1) * d.step * to_sd
-    center = float(d.centers[i])
+    center, sd_left, sd_right = main_mode(d)
     above = np.count_nonzero(v > center + 2 * sd_right)
     below = np.count_nonzero(v < center - 2 * sd_left)
     return center + k * sd_right if above >= below else center - k * sd_left
