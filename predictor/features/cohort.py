@@ -131,10 +131,14 @@ def clean_sample(path: str, panel: Panel) -> tuple[pd.DataFrame, dict[str, Any]]
     return result.cells, {**result.qc, "quirks": "; ".join(sample.quirks)}
 
 
-def _cached(cache_dir, key, compute):
-    """Look ``key`` up in the cache (when there is one), else compute and store."""
+def _cached(cache_dir, make_key, compute):
+    """Look the key up in the cache (when there is one), else compute and store.
+
+    ``make_key`` is only called when there is a cache: keys hash the file's contents.
+    """
     if cache_dir is None:
         return compute(), False
+    key = make_key()
     cache = SampleCache(cache_dir)
     hit = cache.get(key)
     if hit is not None:
@@ -156,15 +160,17 @@ def _pass1(job):
             cells = cells.iloc[np.sort(rng.choice(len(cells), max_cells, replace=False))]
         return {"cells": cells.reset_index(drop=True)}, {"qc": qc}
 
-    key = settings_digest("pass1", digest, panel.table.to_dict("list"), max_cells, seed, __version__)
+    def key():
+        return settings_digest("pass1", digest, panel.table.to_dict("list"), max_cells, seed,
+                               __version__)
+
     (tables, data), _ = _cached(cache_dir, key, compute)
-    return sample_id, tables["cells"], data["qc"]
+    return sample_id, tables["cells"], data["qc"], digest
 
 
 def _pass2(job):
     """Clean, gate and summarise one sample: (sample_id, populations, statistics, QC)."""
-    sample_id, path, panel, gating, cfg, markers, cache_dir, batch = job
-    digest = file_digest(path)
+    sample_id, path, panel, gating, cfg, markers, cache_dir, batch, digest = job
 
     def compute():
         cells, qc = clean_sample(path, panel)
@@ -176,10 +182,13 @@ def _pass2(job):
         )
         return {"pops": pops, "stats": stats}, {"qc": qc}
 
-    key = settings_digest(
-        "pass2", digest, batch, panel.table.to_dict("list"), gating.to_dict(), list(markers),
-        list(cfg.statistics), cfg.frac_pos_threshold, cfg.min_cells, __version__,
-    )
+    def key():
+        return settings_digest(
+            "pass2", digest or file_digest(path), batch, panel.table.to_dict("list"),
+            gating.to_dict(), list(markers), list(cfg.statistics), cfg.frac_pos_threshold,
+            cfg.min_cells, __version__,
+        )
+
     (tables, data), _ = _cached(cache_dir, key, compute)
     pops = tables["pops"].assign(sample_id=sample_id)
     stats = tables["stats"].copy()
@@ -243,11 +252,13 @@ def extract_features(
     rows = list(zip(need["sample_id"], need["path"], batch_col.astype(str), strict=True))
     cache_dir = str(cache) if cache is not None else None
     run = {"n_jobs": cfg.n_jobs, "scheduler": scheduler}
+    digests: dict[str, str] = {}
     if gating is None:
         jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
         by_id = {}
-        for sid, cells, _ in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
+        for sid, cells, _, digest in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
             by_id[sid] = cells
+            digests[sid] = digest  # pass 2 reuses it instead of hashing the file again
         subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
         if clusters:
             gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
@@ -258,7 +269,7 @@ def extract_features(
             gating = fit_gating(subsamples, template, random_state=random_state,
                                 batches=batches if len(set(batches)) > 1 else None)
     markers = panel.by_role("functional") or panel.by_role("lineage")
-    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir, b) for sid, p, b in rows]
+    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir, b, digests.get(sid)) for sid, p, b in rows]
     results = {}
     for sid, pop, st, qc in run_tasks(_pass2, jobs2, progress="Extracting features" if progress else None, **run):
         results[sid] = (pop, st, qc)
