@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from predictor.features.matrix import FREQUENCY_STATISTICS, META_COLUMNS, STAT_LABELS
+
 if TYPE_CHECKING:
     from predictor.model.bundle import Bundle
 
@@ -54,12 +56,10 @@ __all__ = [
 
 #: Grouping levels of :func:`group_labels` (``contrast`` = condition and timepoint together).
 LEVELS = ("population", "marker", "statistic", "condition", "timepoint", "contrast")
-META = ("population", "marker", "statistic", "condition", "timepoint")
-_STAT_CODE = {"count": "count", "% parent": "pct_parent", "% live": "pct_live", "median": "median",
-              "frac+": "frac_pos"}
+META = tuple(META_COLUMNS)
+_STAT_CODE = {label: code for code, label in STAT_LABELS.items()}  # label in names → code
 _STAT_WORDS = {"count": "cell count", "pct_parent": "% of parent", "pct_live": "% of live cells",
                "median": "median level", "frac_pos": "fraction positive"}
-_FREQ = ("count", "pct_parent", "pct_live")
 
 
 # ------------------------------------------------------------------------------ SHAP values
@@ -432,7 +432,7 @@ def _subject(m: Mapping[str, str], *, delta: bool) -> str:
         what = f"the share of {_cells(pop)} positive for {marker}"
     elif stat == "median":
         what = f"the {marker} level on {_cells(pop)}"
-    elif stat in _FREQ and delta:
+    elif stat in FREQUENCY_STATISTICS and delta:
         what = _cells(pop)
     elif stat == "pct_live":
         what = f"the {pop} share of live cells"
@@ -454,7 +454,7 @@ def _quantity(m: Mapping[str, str], value: float) -> str:
     words = _STAT_WORDS.get(stat, stat)
     if "-" in tp:
         on, _, base = tp.partition("-")
-        if stat in _FREQ:
+        if stat in FREQUENCY_STATISTICS:
             return f"{words} ×{2.0 ** value:.2f} from {base} to {on}"
         if stat == "frac_pos":
             return f"{100 * value:+.1f} percentage points"
@@ -503,7 +503,7 @@ def describe_driver(feature: str, value: float, shap: float, *, meta: Mapping[st
     high, low = pct >= 0.75, pct <= 0.25
     if delta:
         on, _, base = tp.partition("-")
-        up, down = ("expanded", "contracted") if meta.get("statistic") in _FREQ else ("rose", "fell")
+        up, down = ("expanded", "contracted") if meta.get("statistic") in FREQUENCY_STATISTICS else ("rose", "fell")
         moved = up if value > 0 else down if value < 0 else "did not change"
         body = f"{subject} {moved} from {base} to {on}"
         if pct == pct and value != 0:

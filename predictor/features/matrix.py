@@ -16,17 +16,19 @@ import pandas as pd
 
 from predictor.config import FeatureConfig
 
-__all__ = ["build_matrix", "feature_name", "META_COLUMNS"]
+__all__ = ["build_matrix", "feature_name", "META_COLUMNS", "STAT_LABELS", "FREQUENCY_STATISTICS"]
 
 META_COLUMNS = ["population", "marker", "statistic", "condition", "timepoint"]
-_STAT_LABEL = {
+#: Statistic code → its label in feature names.
+STAT_LABELS = {
     "count": "count",
     "pct_parent": "% parent",
     "pct_live": "% live",
     "median": "median",
     "frac_pos": "frac+",
 }
-_FREQ = ("count", "pct_parent", "pct_live")
+#: Statistics of population size (log2 ratios across timepoints, taken from unstim).
+FREQUENCY_STATISTICS = ("count", "pct_parent", "pct_live")
 _PSEUDO = {"count": 1.0, "pct_parent": 0.1, "pct_live": 0.01}
 
 
@@ -45,7 +47,7 @@ def feature_name(
     the labels may contain ``-`` themselves (``day-0``), so that the contrast is recognised by
     its baseline suffix rather than by the first ``-``.
     """
-    parts = [population] + ([marker] if marker else []) + [_STAT_LABEL.get(statistic, statistic)]
+    parts = [population] + ([marker] if marker else []) + [STAT_LABELS.get(statistic, statistic)]
     parts.append(condition)
     if baseline is not None:
         suffix = f"-{baseline}"
@@ -93,7 +95,7 @@ def build_matrix(long: pd.DataFrame, cfg: FeatureConfig) -> tuple[pd.DataFrame, 
         out: dict[tuple[str, str, str, str], pd.Series] = {}
         for col in wide.columns:
             pop, marker, stat = col
-            if stat in _FREQ:
+            if stat in FREQUENCY_STATISTICS:
                 out[(pop, marker, stat, cfg.unstim)] = unstim[col]
             else:
                 out[(pop, marker, stat, cfg.unstim)] = unstim[col]
@@ -110,7 +112,7 @@ def build_matrix(long: pd.DataFrame, cfg: FeatureConfig) -> tuple[pd.DataFrame, 
         for k, s_on in on.items():
             s_base = base[k].reindex(s_on.index)
             stat = k[2]
-            if stat in _FREQ:
+            if stat in FREQUENCY_STATISTICS:
                 eps = _PSEUDO[stat]
                 d = np.log2((s_on + eps) / (s_base + eps))
             else:

@@ -148,9 +148,10 @@ def log_model(mlflow: Any, booster: Any, example: pd.DataFrame, registered_model
     (hazard ratio) for a survival model.
     """
     import mlflow.xgboost
+    import xgboost as xgb
     from mlflow.models import infer_signature
 
-    probs = booster.predict(__import__("xgboost").DMatrix(example))
+    probs = booster.predict(xgb.DMatrix(example))
     signature = infer_signature(example, pd.Series(probs, name=output_name))
     info = mlflow.xgboost.log_model(
         booster,
