@@ -140,3 +140,24 @@ def test_typo_in_sample_sheet_is_named_not_dropped(tmp_path, capsys):
     assert rc == 2
     assert "row 4" in err and "'timepoint'" in err and "Did you mean 'baseline'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_single_class_outcome_names_file_and_column(tmp_path, capsys):
+    from predictor.simulate import simulate_cohort
+
+    c = simulate_cohort(tmp_path / "c", n_patients=4, seed=5, cells_per_sample=500)
+    clinical = pd.read_csv(c.clinical)
+    clinical["response"] = 1
+    clinical.to_csv(c.clinical, index=False)
+    toml = tmp_path / "single.toml"
+    toml.write_text(
+        'name = "single"\n[data]\nsamples = "c/samples.csv"\nclinical = "c/clinical.csv"\n'
+        'panel = "c/panel.csv"\n[features]\nn_jobs = 1\n[cv]\npermutations = 0\n'
+        '[tracking]\nstore = "mlflow.db"\nartifacts = "mlruns"\nmodels = "models"\n'
+    )
+    capsys.readouterr()
+    assert main(["train", str(toml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "clinical.csv" in err and "column 'response'" in err and "both responders" in err
+    assert not any((tmp_path / name).exists() for name in ("mlflow.db", "mlruns", "models"))

@@ -226,8 +226,10 @@ def run_experiment(
 
     t0 = time.perf_counter()
     y = _outcome(cfg, clinical, fs.X.index)
+    columns = "'time', 'event'" if cfg.outcome.kind == "survival" else f"'{cfg.outcome.column}'"
     result = train_model(fs.X, y, model=cfg.model, cv=cfg.cv, outcome=cfg.outcome.kind,
-                         random_state=cfg.seed, n_jobs=n_jobs)
+                         random_state=cfg.seed, n_jobs=n_jobs,
+                         where=f"{cfg.data.clinical}, column {columns}")
     timings["training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -575,6 +575,7 @@ def train_model(
     outcome: str = "binary",
     random_state: int = 0,
     n_jobs: int = 2,
+    where: str = "the outcome",
 ) -> TrainingResult:
     """Evaluate XGBoost with grouped (nested, when tuning) repeated CV and fit the final model.
 
@@ -594,6 +595,8 @@ def train_model(
         Seed of folds, models, permutations and bootstraps.
     n_jobs
         Processes for the permutation test (and the outer folds when tuning).
+    where
+        Where the outcome comes from (file and column), for error messages.
     """
     model = model or ModelConfig()
     cv = cv or CVConfig()
@@ -604,9 +607,9 @@ def train_model(
     if outcome == "binary":
         if isinstance(y, pd.DataFrame):
             raise TrainingError("A binary outcome is one column of 0/1; got a table. Pass outcome='survival' for time/event.")
-        out = Outcome("binary", check_outcome(y, folds=cv.folds))
+        out = Outcome("binary", check_outcome(y, where=where, folds=cv.folds))
     else:
-        t, e = check_survival(y, folds=cv.folds)
+        t, e = check_survival(y, where=where, folds=cv.folds)
         out = Outcome("survival", e, t)
     tune = model.search is not None
     Xa = X.to_numpy(dtype=np.float32, copy=True)
