@@ -39,6 +39,7 @@ SEARCH_METRICS = ("auto", "auroc", "logloss", "cindex")
 PERMUTATION_TESTS = ("fixed", "nested")
 MAX_GRID = 256
 FEATURE_MODES = ("on-treatment", "baseline")
+FRAC_POS_REFERENCES = ("fixed", "unstim")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,11 @@ class FeatureConfig:
     unstim: str = "unstim"
     stim: str = "stim"
     statistics: tuple[str, ...] = ("pct_parent", "pct_live", "median", "frac_pos")
-    frac_pos_threshold: float = 2.0  # arcsinh units
+    frac_pos_threshold: float = 2.0  # arcsinh units, when frac_pos_reference = "fixed"
+    # "fixed": frac_pos_threshold for every sample; "unstim": each population's
+    # frac_pos_quantile in the same patient's unstimulated sample at that timepoint.
+    frac_pos_reference: str = "fixed"
+    frac_pos_quantile: float = 0.99
     min_cells: int = 20
     n_jobs: int = 2
 
@@ -240,6 +245,12 @@ def _validate(cfg: ExperimentConfig) -> None:
     bad = [s for s in f.statistics if s not in STATISTICS]
     if bad or not f.statistics:
         _fail("[features]", "statistics", f"a non-empty list of {', '.join(STATISTICS)}", bad)
+    if f.frac_pos_reference not in FRAC_POS_REFERENCES:
+        _fail("[features]", "frac_pos_reference", f"one of {', '.join(FRAC_POS_REFERENCES)}",
+              f.frac_pos_reference)
+    if not 0 < f.frac_pos_quantile < 1:
+        _fail("[features]", "frac_pos_quantile", "a number in (0, 1), e.g. 0.99",
+              f.frac_pos_quantile)
     if f.min_cells < 1:
         _fail("[features]", "min_cells", "an int >= 1", f.min_cells)
     if f.n_jobs < 1:

@@ -29,9 +29,9 @@ def count_cleaning(monkeypatch):
     calls: list[str] = []
     real = cohort.clean_sample
 
-    def counting(path, panel):
+    def counting(path, panel, **kwargs):
         calls.append(path)
-        return real(path, panel)
+        return real(path, panel, **kwargs)
 
     monkeypatch.setattr(cohort, "clean_sample", counting)
     return calls

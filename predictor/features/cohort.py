@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from predictor.errors import FeatureError, OutputExistsError
 from predictor.features.cache import SampleCache, file_digest, settings_digest
 from predictor.features.execution import run_tasks
 from predictor.features.matrix import build_matrix
-from predictor.features.stats import sample_statistics
+from predictor.features.stats import positivity_thresholds, sample_statistics
 from predictor.io.fcs import read_fcs
 from predictor.io.panel import Panel, apply_panel
 from predictor.io.samplesheet import select_samples
@@ -35,7 +37,7 @@ from predictor.populations.gating import (
     fit_gating,
     population_table,
 )
-from predictor.preprocess import cleanup
+from predictor.preprocess import cleanup_mask, kept_cells
 
 __all__ = ["FeatureSet", "extract_features", "clean_sample"]
 
@@ -123,12 +125,33 @@ class FeatureSet:
         )
 
 
-def clean_sample(path: str, panel: Panel) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row)."""
+def clean_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
+                 transformed: bool = True, max_cells: int | None = None,
+                 seed: Sequence[int] = (0,)) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row).
+
+    ``thresholds`` fixes the cleanup thresholds (e.g. those pass 1 found for this file);
+    ``transformed=False`` returns the kept cells raw; ``max_cells`` returns a random subset of
+    the kept cells (drawn with ``seed``), and only that subset is gathered and transformed.
+    The QC row has the thresholds used as ``threshold_<key>``.
+    """
     sample = read_fcs(path, warn=False)  # quirks go to the QC table instead
     raw = apply_panel(sample, panel)
-    result = cleanup(raw, panel)
-    return result.cells, {**result.qc, "quirks": "; ".join(sample.quirks)}
+    keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
+    rows = keep
+    if max_cells is not None and qc["kept"] > max_cells:
+        at = np.flatnonzero(keep)
+        pick = np.random.default_rng(list(seed)).choice(len(at), max_cells, replace=False)
+        rows = np.zeros_like(keep)
+        rows[at[pick]] = True
+    cells = kept_cells(raw, panel, rows, transformed=transformed)
+    qc = {**qc, "quirks": "; ".join(sample.quirks)}
+    return cells, qc | {f"threshold_{k}": v for k, v in used.items()}
+
+
+def _cleanup_thresholds(qc: dict[str, Any]) -> dict[str, float]:
+    return {k.removeprefix("threshold_"): float(v) for k, v in qc.items()
+            if k.startswith("threshold_")}
 
 
 def _cached(cache_dir, make_key, compute):
@@ -149,51 +172,87 @@ def _cached(cache_dir, make_key, compute):
 
 
 def _pass1(job):
-    """Clean one sample and draw its share of the pooled subsample gates are fitted on."""
+    """Clean one sample and draw its share of the pooled subsample gates are fitted on.
+
+    Only the drawn cells are transformed; the sample's cleanup thresholds travel back so
+    pass 2 does not fit them again.
+    """
     sample_id, path, panel, max_cells, seed, cache_dir = job
-    digest = file_digest(path)
+    digest = file_digest(path) if cache_dir is not None else None
 
     def compute():
-        cells, qc = clean_sample(path, panel)
-        rng = np.random.default_rng([seed, int(digest[:12], 16)])  # order-independent draw
-        if len(cells) > max_cells:
-            cells = cells.iloc[np.sort(rng.choice(len(cells), max_cells, replace=False))]
-        return {"cells": cells.reset_index(drop=True)}, {"qc": qc}
+        draw = (seed, zlib.crc32(str(sample_id).encode()))  # order-independent
+        cells, qc = clean_sample(path, panel, max_cells=max_cells, seed=draw)
+        return {"cells": cells}, {"qc": qc}
 
     def key():
-        return settings_digest("pass1", digest, panel.table.to_dict("list"), max_cells, seed,
-                               __version__)
+        return settings_digest("pass1", digest, sample_id, panel.table.to_dict("list"),
+                               max_cells, seed, __version__)
 
     (tables, data), _ = _cached(cache_dir, key, compute)
     return sample_id, tables["cells"], data["qc"], digest
 
 
+@dataclass(frozen=True)
+class _SampleJob:
+    """Pass 2 of one sample: everything a worker needs, picklable."""
+
+    sample_id: str
+    path: str
+    batch: str
+    digest: str | None = None  # file content hash (pass 1's), for cache keys
+    cleanup: dict[str, float] | None = None  # pass 1's cleanup thresholds for this file
+    positivity: dict[tuple[str, str], float] | None = None  # from the unstimulated partner
+    reference: bool = False  # also return this sample's positivity thresholds
+
+
 def _pass2(job):
-    """Clean, gate and summarise one sample: (sample_id, populations, statistics, QC)."""
-    sample_id, path, panel, gating, cfg, markers, cache_dir, batch, digest = job
+    """Clean, gate and summarise one sample: (sample_id, populations, statistics, QC, gates).
+
+    With a template gating, the cells stay raw: gates, medians and positivity thresholds are
+    mapped through the monotone arcsinh instead of transforming every event.
+    """
+    sj, panel, gating, cfg, markers, cache_dir = job
+    gated = isinstance(gating, Gating)
+    cof = panel.cofactors() if gated else None
 
     def compute():
-        cells, qc = clean_sample(path, panel)
-        membership = gating.apply(cells, batch=batch) if isinstance(gating, Gating) else gating.apply(cells)
-        pops = population_table(gating, membership, sample_id=sample_id)
+        cells, qc = clean_sample(sj.path, panel, thresholds=sj.cleanup, transformed=not gated)
+        if gated:
+            membership = gating.apply(cells, batch=sj.batch, cofactors=cof)
+        else:
+            membership = gating.apply(cells)
+        pops = population_table(gating, membership, sample_id=sj.sample_id)
+        data: dict[str, Any] = {"qc": qc}
+        threshold = sj.positivity if sj.positivity is not None else cfg.frac_pos_threshold
+        if sj.reference:  # an unstimulated sample is gated by its own quantiles
+            threshold = positivity_thresholds(cells, membership, markers=markers,
+                                              quantile=cfg.frac_pos_quantile,
+                                              min_cells=cfg.min_cells, cofactors=cof,
+                                              parents=dict(zip(pops["population"],
+                                                               pops["parent"], strict=True)))
+            data["positivity"] = [[p, m, v] for (p, m), v in threshold.items()]
         stats = sample_statistics(
             cells, membership, pops, markers=markers, statistics=cfg.statistics,
-            frac_pos_threshold=cfg.frac_pos_threshold, min_cells=cfg.min_cells,
+            frac_pos_threshold=threshold, min_cells=cfg.min_cells, cofactors=cof,
         )
-        return {"pops": pops, "stats": stats}, {"qc": qc}
+        return {"pops": pops, "stats": stats}, data
 
     def key():
         return settings_digest(
-            "pass2", digest or file_digest(path), batch, panel.table.to_dict("list"),
-            gating.to_dict(), list(markers), list(cfg.statistics), cfg.frac_pos_threshold,
+            "pass2", sj.digest or file_digest(sj.path), sj.batch, sj.cleanup,
+            sorted(sj.positivity.items()) if sj.positivity else None, sj.reference,
+            panel.table.to_dict("list"), gating.to_dict(), list(markers), list(cfg.statistics),
+            cfg.frac_pos_threshold, cfg.frac_pos_reference, cfg.frac_pos_quantile,
             cfg.min_cells, __version__,
         )
 
     (tables, data), _ = _cached(cache_dir, key, compute)
-    pops = tables["pops"].assign(sample_id=sample_id)
+    pops = tables["pops"].assign(sample_id=sj.sample_id)
     stats = tables["stats"].copy()
-    stats.insert(0, "sample_id", sample_id)
-    return sample_id, pops, stats, data["qc"]
+    stats.insert(0, "sample_id", sj.sample_id)
+    gates = {(p, m): float(v) for p, m, v in data.get("positivity", [])}
+    return sj.sample_id, pops, stats, data["qc"], gates
 
 
 def extract_features(
@@ -252,13 +311,13 @@ def extract_features(
     rows = list(zip(need["sample_id"], need["path"], batch_col.astype(str), strict=True))
     cache_dir = str(cache) if cache is not None else None
     run = {"n_jobs": cfg.n_jobs, "scheduler": scheduler}
-    digests: dict[str, str] = {}
+    pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
     if gating is None:
         jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
         by_id = {}
-        for sid, cells, _, digest in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
+        for sid, cells, qc, digest in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
             by_id[sid] = cells
-            digests[sid] = digest  # pass 2 reuses it instead of hashing the file again
+            pass1[sid] = (digest, _cleanup_thresholds(qc))  # pass 2 reuses both
         subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
         if clusters:
             gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
@@ -269,10 +328,36 @@ def extract_features(
             gating = fit_gating(subsamples, template, random_state=random_state,
                                 batches=batches if len(set(batches)) > 1 else None)
     markers = panel.by_role("functional") or panel.by_role("lineage")
-    jobs2 = [(sid, p, panel, gating, cfg, markers, cache_dir, b, digests.get(sid)) for sid, p, b in rows]
+    sample_jobs = {
+        sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
+    }
     results = {}
-    for sid, pop, st, qc in run_tasks(_pass2, jobs2, progress="Extracting features" if progress else None, **run):
-        results[sid] = (pop, st, qc)
+
+    def run_pass2(jobs: list[_SampleJob], label: str) -> None:
+        tasks = [(sj, panel, gating, cfg, markers, cache_dir) for sj in jobs]
+        for sid, pop, st, qc, gates in run_tasks(_pass2, tasks, progress=label if progress else None, **run):
+            results[sid] = (pop, st, qc, gates)
+
+    if cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics:
+        # Unstimulated samples first: their per-population quantiles gate the stimulated
+        # sample of the same patient and timepoint.
+        is_ref = need["condition"].astype(str).eq(cfg.unstim).to_numpy()
+        refs = [replace(sample_jobs[sid], reference=True) for sid in need["sample_id"][is_ref]]
+        run_pass2(refs, "Extracting features (unstimulated)")
+        partner = {(pt, tp): sid for sid, pt, tp in
+                   need.loc[is_ref, ["sample_id", "patient_id", "timepoint"]].itertuples(index=False)}
+        others = []
+        for sid, pt, tp in need.loc[~is_ref, ["sample_id", "patient_id", "timepoint"]].itertuples(index=False):
+            if (pt, tp) not in partner:
+                raise FeatureError(
+                    f"Sample {sid!r} (patient {pt!r}, timepoint {tp!r}) has no {cfg.unstim!r} "
+                    "sample to set its positivity thresholds (frac_pos_reference = 'unstim'); add "
+                    "it to the sample sheet, or set frac_pos_reference = 'fixed' in [features]."
+                )
+            others.append(replace(sample_jobs[sid], positivity=results[partner[pt, tp]][3]))
+        run_pass2(others, "Extracting features (stimulated)")
+    else:
+        run_pass2(list(sample_jobs.values()), "Extracting features")
     order = [sid for sid, _, _ in rows]
     pops = [results[sid][0] for sid in order]
     stats = [results[sid][1] for sid in order]

@@ -1,13 +1,98 @@
-"""Per-sample statistics of gated populations: the rows of the tidy long feature table."""
+"""Per-sample statistics of gated populations: the rows of the tidy long feature table.
+
+Medians and fractions positive come from one sort per population of its cells' marker
+values. Order statistics and thresholds commute with the (monotone) arcsinh transform, so the
+cells may also be given raw, with their cofactors: nothing but the few order statistics that
+become features is ever transformed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["sample_statistics"]
+__all__ = ["sample_statistics", "positivity_thresholds"]
+
+# A threshold per marker for all populations, or per (population, marker).
+Thresholds = float | Mapping[str, float] | Mapping[tuple[str, str], float]
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """Per population × marker (arcsinh scale): medians, fractions positive, a quantile."""
+
+    populations: list[str]
+    median: np.ndarray
+    frac_pos: np.ndarray
+    quantile: np.ndarray
+
+
+def _threshold_matrix(thr: Thresholds, populations: Sequence[str], markers: Sequence[str]
+                      ) -> np.ndarray:
+    if isinstance(thr, Mapping):
+        by_pair = any(isinstance(k, tuple) for k in thr)
+        return np.array([[thr.get((p, m) if by_pair else m, np.nan) for m in markers]
+                         for p in populations], dtype=np.float64).reshape(len(populations),
+                                                                          len(markers))
+    return np.full((len(populations), len(markers)), float(thr))
+
+
+def _summarise(
+    cells: pd.DataFrame,
+    membership: pd.DataFrame,
+    markers: Sequence[str],
+    *,
+    min_cells: int,
+    frac_pos_threshold: Thresholds = np.nan,
+    quantile: float | None = None,
+    cofactors: Mapping[str, float] | None = None,
+    parents: Mapping[str, str] | None = None,
+) -> _Summary:
+    pops = list(membership.columns)
+    parents = parents or {}
+    shape = (len(pops), len(markers))
+    median, frac, qv = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    if not markers:
+        return _Summary(pops, median, frac, qv)
+    # Channel-major copy: one contiguous row per marker, so gathering a population is cheap.
+    x = np.stack([np.asarray(cells[m].to_numpy(), dtype=np.float32) for m in markers])
+    cof = np.array([cofactors[m] for m in markers])[:, None] if cofactors is not None else None
+
+    def scale(v: np.ndarray) -> np.ndarray:  # raw order statistics → arcsinh scale
+        return np.arcsinh(v / cof) if cof is not None else v
+
+    thr = _threshold_matrix(frac_pos_threshold, pops, markers)
+    raw_thr = cof[:, 0] * np.sinh(thr) if cof is not None else thr  # same cut, raw scale
+    # A population is a subset of its parent (listed before it): gather its cells from the
+    # parent's, scanning the parent rather than the whole sample.
+    gathered: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # population -> (mask, values)
+    for i, p in enumerate(pops):
+        mask = membership[p].to_numpy()
+        n = int(np.count_nonzero(mask))
+        if n < max(min_cells, 1):
+            continue
+        up = gathered.get(parents.get(p, ""))
+        if up is not None and np.any(mask & ~up[0]):  # not a subset after all
+            up = None
+        values = (np.compress(mask[up[0]], up[1], axis=1) if up is not None
+                  else np.compress(mask, x, axis=1))
+        gathered[p] = (mask, values)
+        s = np.sort(values, axis=1)
+        lo, hi = scale(s[:, (n - 1) // 2 : (n - 1) // 2 + 1]), scale(s[:, n // 2 : n // 2 + 1])
+        median[i] = (lo[:, 0].astype(np.float64) + hi[:, 0]) / 2
+        with np.errstate(invalid="ignore"):
+            above = np.count_nonzero(s > raw_thr[i][:, None], axis=1)
+        frac[i] = np.where(np.isnan(raw_thr[i]), np.nan, above / n)
+        if quantile is not None:
+            pos = quantile * (n - 1)  # linear interpolation, as np.quantile
+            a = int(np.floor(pos))
+            b = min(a + 1, n - 1)
+            va, vb = scale(s[:, a : a + 1])[:, 0], scale(s[:, b : b + 1])[:, 0]
+            qv[i] = va + (pos - a) * (vb.astype(np.float64) - va)
+    return _Summary(pops, median, frac, qv)
 
 
 def sample_statistics(
@@ -17,15 +102,17 @@ def sample_statistics(
     *,
     markers: Sequence[str],
     statistics: Sequence[str],
-    frac_pos_threshold: float | dict[str, float],
+    frac_pos_threshold: Thresholds,
     min_cells: int,
+    cofactors: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Statistics of one sample, one row per (population, marker, statistic).
 
     Parameters
     ----------
     cells
-        Transformed (arcsinh) events of the sample, columns = markers.
+        Events of the sample, columns = markers: arcsinh-transformed, or raw when
+        ``cofactors`` is given.
     membership
         Boolean cell × population membership (:func:`~predictor.populations.apply_gating`).
     populations
@@ -35,36 +122,71 @@ def sample_statistics(
     statistics
         Any of ``count``, ``pct_parent``, ``pct_live``, ``median``, ``frac_pos``.
     frac_pos_threshold
-        Positivity threshold (arcsinh units), one for all markers or per marker (markers
-        without a threshold get NaN fractions).
+        Positivity threshold (arcsinh units): one for all, one per marker, or one per
+        ``(population, marker)`` pair (e.g. from :func:`positivity_thresholds` of the same
+        patient's unstimulated sample). Pairs without a threshold get NaN fractions.
     min_cells
         Populations with fewer cells give NaN medians and fractions, never numbers from a
         handful of cells (frequencies and counts are still reported).
+    cofactors
+        Marker → arcsinh cofactor when ``cells`` are raw; medians and thresholds are still on
+        the arcsinh scale (the same numbers, without transforming every event).
     """
-    rows: list[tuple[str, str, str, float]] = []
+    frames = []
     pop = populations.set_index("population")
     for stat in ("count", "pct_parent", "pct_live"):
         if stat in statistics:
-            rows += [(p, "", stat, float(pop.at[p, stat])) for p in pop.index]
-    want_median = "median" in statistics
-    want_frac = "frac_pos" in statistics
-    if want_median or want_frac:
-        x = cells[list(markers)].to_numpy()
-        if isinstance(frac_pos_threshold, dict):
-            thr = np.array([frac_pos_threshold.get(m, np.nan) for m in markers])
-        else:
-            thr = np.full(len(markers), float(frac_pos_threshold))
-        for p in membership.columns:
-            mask = membership[p].to_numpy()
-            n = int(mask.sum())
-            if n >= min_cells:
-                sub = x[mask]
-                med = np.median(sub, axis=0)
-                frac = np.where(np.isnan(thr), np.nan, (sub > thr).mean(axis=0))
-            else:
-                med = frac = np.full(len(markers), np.nan)
-            if want_median:
-                rows += [(p, m, "median", float(v)) for m, v in zip(markers, med, strict=True)]
-            if want_frac:
-                rows += [(p, m, "frac_pos", float(v)) for m, v in zip(markers, frac, strict=True)]
-    return pd.DataFrame(rows, columns=["population", "marker", "statistic", "value"])
+            frames.append(pd.DataFrame({"population": pop.index, "marker": "", "statistic": stat,
+                                        "value": pop[stat].to_numpy(dtype=np.float64)}))
+    wanted = [s for s in ("median", "frac_pos") if s in statistics]
+    if wanted:
+        parents = (dict(zip(pop.index, pop["parent"], strict=True)) if "parent" in pop
+                   else None)
+        summary = _summarise(cells, membership, markers, min_cells=min_cells,
+                             frac_pos_threshold=frac_pos_threshold, cofactors=cofactors,
+                             parents=parents)
+        n_p, n_m = len(summary.populations), len(markers)
+        for stat in wanted:
+            values = summary.median if stat == "median" else summary.frac_pos
+            frames.append(pd.DataFrame({
+                "population": np.repeat(summary.populations, n_m).astype(object),
+                "marker": np.tile(np.asarray(markers, dtype=object), n_p),
+                "statistic": stat,
+                "value": values.reshape(-1),
+            }))
+    if not frames:
+        return pd.DataFrame(columns=["population", "marker", "statistic", "value"])
+    out = pd.concat(frames, ignore_index=True)
+    # Rows grouped per population as (median markers..., frac_pos markers...) for each.
+    order = {"count": 0, "pct_parent": 1, "pct_live": 2}
+    if wanted:
+        out["_k"] = out["statistic"].map(lambda s: order.get(s, 3))
+        out["_p"] = out["population"].map({p: i for i, p in enumerate(pop.index)})
+        out = out.sort_values(["_k", "_p"], kind="stable").drop(columns=["_k", "_p"])
+    return out.reset_index(drop=True)
+
+
+def positivity_thresholds(
+    cells: pd.DataFrame,
+    membership: pd.DataFrame,
+    *,
+    markers: Sequence[str],
+    quantile: float,
+    min_cells: int,
+    cofactors: Mapping[str, float] | None = None,
+    parents: Mapping[str, str] | None = None,
+) -> dict[tuple[str, str], float]:
+    """Per (population, marker), the ``quantile`` of the cells' values (arcsinh scale).
+
+    Taken on an unstimulated sample, these are the positivity gates for the same patient's
+    stimulated sample at that timepoint. Populations under ``min_cells`` give no threshold.
+    ``parents`` (population → parent) only speeds up gathering each population's cells.
+    """
+    summary = _summarise(cells, membership, markers, min_cells=min_cells, quantile=quantile,
+                         cofactors=cofactors, parents=parents)
+    return {
+        (p, m): float(summary.quantile[i, j])
+        for i, p in enumerate(summary.populations)
+        for j, m in enumerate(markers)
+        if not np.isnan(summary.quantile[i, j])
+    }

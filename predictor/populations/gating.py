@@ -446,9 +446,10 @@ class Gating:
             return self.batch_thresholds[str(batch)]
         return self.thresholds
 
-    def apply(self, cells: pd.DataFrame, *, batch: str | None = None) -> pd.DataFrame:
+    def apply(self, cells: pd.DataFrame, *, batch: str | None = None,
+              cofactors: Mapping[str, float] | None = None) -> pd.DataFrame:
         """Membership of ``cells`` (see :func:`apply_gating`)."""
-        return apply_gating(self, cells, batch=batch)
+        return apply_gating(self, cells, batch=batch, cofactors=cofactors)
 
     def threshold_table(self) -> pd.DataFrame:
         """Tidy thresholds: batch (``""`` = pooled), population, parent, marker, threshold,
@@ -782,7 +783,8 @@ def fit_gating(
                   per_batch_methods)
 
 
-def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = None) -> pd.DataFrame:
+def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = None,
+                 cofactors: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Boolean membership of every cell in every gated population (columns in template order).
 
     Parameters
@@ -790,10 +792,14 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
     gating
         A fitted (frozen) gating.
     cells
-        Arcsinh-transformed events with the gating's markers as columns.
+        Arcsinh-transformed events with the gating's markers as columns (raw events when
+        ``cofactors`` is given).
     batch
         The cells' batch: its own thresholds when the gating was fitted per batch and knows
         it, the pooled thresholds otherwise.
+    cofactors
+        Marker → cofactor for raw ``cells``: each threshold t is moved to the raw scale as
+        ``cofactor · sinh(t)``, the same cut without transforming every event.
     """
     missing = [m for m in gating.markers if m not in cells.columns]
     if missing:
@@ -801,8 +807,12 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
             f"The cells lack marker(s) {', '.join(missing)} that the gating uses; use the panel "
             "the gating was fitted with."
         )
-    masks = _gate(gating.resolved, gating.template.populations, _Columns(cells),
-                  gating.thresholds_for(batch), len(cells))
+    thresholds = gating.thresholds_for(batch)
+    if cofactors is not None:
+        thresholds = {pop: {m: float(cofactors[m] * np.sinh(t)) for m, t in thr.items()}
+                      for pop, thr in thresholds.items()}
+    masks = _gate(gating.resolved, gating.template.populations, _Columns(cells), thresholds,
+                  len(cells))
     del masks[ROOT]
     return pd.DataFrame(masks, index=cells.index)
 
