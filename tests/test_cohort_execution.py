@@ -123,3 +123,72 @@ def test_clusters_instead_of_gating_round_trip(tiny, tmp_path):
     assert isinstance(loaded.gating, Clustering)
     again = extract_features(sheet, panel, config=FeatureConfig(n_jobs=1), gating=loaded.gating)
     pd.testing.assert_frame_equal(again.X, fs.X)
+
+
+# ------------------------------------------------------------------------------ positivity
+
+
+def _gated_sample(path, panel, gating, batch):
+    """Independent path: the transformed clean cells of one file and their membership."""
+    from predictor.io.fcs import read_fcs
+    from predictor.io.panel import apply_panel
+    from predictor.preprocess import cleanup
+
+    cells = cleanup(apply_panel(read_fcs(path, warn=False), panel), panel).cells
+    return cells, gating.apply(cells, batch=batch)
+
+
+def test_frac_pos_gated_by_the_unstimulated_sample(tiny):
+    """frac_pos_reference = 'unstim': each population × marker of a stimulated sample is
+    gated at the quantile of the same patient's unstimulated sample at that timepoint."""
+    sheet, panel = tiny
+    cfg = FeatureConfig(n_jobs=1, frac_pos_reference="unstim", frac_pos_quantile=0.9)
+    fs = extract_features(sheet, panel, config=cfg)
+    long = fs.long.set_index(["sample_id", "population", "marker", "statistic"])["value"]
+    pid, tp = sheet["patient_id"].iloc[0], sheet["timepoint"].iloc[0]
+    pair = sheet[(sheet["patient_id"] == pid) & (sheet["timepoint"] == tp)].set_index("condition")
+    batch = str(pair["batch"].iloc[0]) if "batch" in pair else None
+    unstim, um = _gated_sample(pair.at["unstim", "path"], panel, fs.gating, batch)
+    stim, sm = _gated_sample(pair.at["stim", "path"], panel, fs.gating, batch)
+    checked = 0
+    for pop in ("T cells", "CD4 T", "CD8 T"):
+        for marker in ("IFNg", "TNFa", "IL-2"):
+            u = unstim.loc[um[pop], marker].to_numpy()
+            s = stim.loc[sm[pop], marker].to_numpy()
+            if len(u) < cfg.min_cells or len(s) < cfg.min_cells:
+                continue
+            gate = np.quantile(u.astype(np.float64), 0.9)
+            got = long[(pair.at["stim", "sample_id"], pop, marker, "frac_pos")]
+            assert got == pytest.approx((s > gate).mean(), abs=1.5 / len(s)), (pop, marker)
+            own = long[(pair.at["unstim", "sample_id"], pop, marker, "frac_pos")]
+            assert own <= 0.1 + 1 / len(u)  # ~10% above its own 90th percentile
+            checked += 1
+    assert checked >= 6
+    assert (fs.meta["statistic"] == "frac_pos").sum() > 100
+
+
+def test_frac_pos_reference_needs_the_unstimulated_partner(tiny):
+    from predictor.errors import FeatureError
+
+    sheet, panel = tiny
+    drop = sheet[sheet["condition"] == "unstim"].index[0]
+    lonely = sheet.loc[drop]
+    with pytest.raises(FeatureError, match=rf"patient '{lonely['patient_id']}', timepoint "
+                       rf"'{lonely['timepoint']}'\) has no 'unstim' sample .* "
+                       "frac_pos_reference = 'fixed'"):
+        extract_features(sheet.drop(index=drop), panel,
+                         config=FeatureConfig(n_jobs=1, frac_pos_reference="unstim"))
+
+
+def test_frac_pos_reference_is_validated(tmp_path):
+    from predictor.config import load_experiment
+    from predictor.errors import ConfigError
+
+    exp = tmp_path / "e.toml"
+    exp.write_text("[features]\nfrac_pos_reference = 'unstimulated'\n")
+    with pytest.raises(ConfigError, match="'frac_pos_reference' parameter of \\[features\\] must "
+                       "be one of fixed, unstim. Got 'unstimulated'"):
+        load_experiment(exp)
+    exp.write_text("[features]\nfrac_pos_reference = 'unstim'\nfrac_pos_quantile = 99\n")
+    with pytest.raises(ConfigError, match="'frac_pos_quantile' .* in \\(0, 1\\)"):
+        load_experiment(exp)

@@ -10,6 +10,7 @@ from predictor.config import FeatureConfig
 from predictor.errors import OutputExistsError
 from predictor.features import FeatureSet, build_matrix, feature_name, sample_statistics
 from predictor.features.matrix import META_COLUMNS
+from predictor.features.stats import positivity_thresholds
 
 # ------------------------------------------------------------------------------ statistics
 
@@ -82,6 +83,56 @@ def test_sample_statistics_selects_statistics() -> None:
     v = stats(statistics=("pct_live", "frac_pos"))
     assert set(v.index.get_level_values("statistic")) == {"pct_live", "frac_pos"}
     assert len(v) == 2 + 4
+
+
+def test_sample_statistics_on_raw_cells_equal_the_transformed_ones() -> None:
+    """Medians and fractions positive from raw cells + cofactors: the same numbers."""
+    rng = np.random.default_rng(0)
+    raw = pd.DataFrame({"IFNg": rng.gamma(1.0, 20.0, 301), "TNFa": rng.gamma(2.0, 5.0, 301),
+                        "CD3": rng.gamma(3.0, 30.0, 301)}).astype(np.float32)
+    cof = {"IFNg": 5.0, "TNFa": 2.0, "CD3": 5.0}
+    asinh = pd.DataFrame({m: np.arcsinh(raw[m].to_numpy(np.float64) / c) for m, c in cof.items()})
+    member = pd.DataFrame({"A": np.arange(301) < 200, "B": np.arange(301) % 2 == 0})
+    pops = POPS.assign(population=["A", "B"], parent=["root", "root"])
+    args = {"markers": ["IFNg", "TNFa"], "statistics": ALL_STATS, "frac_pos_threshold": 2.0,
+            "min_cells": 5}
+    want = sample_statistics(asinh, member, pops, **args)
+    got = sample_statistics(raw, member, pops, cofactors=cof, **args)
+    pd.testing.assert_frame_equal(got, want, rtol=1e-6)
+    a = asinh.loc[member["A"], "IFNg"]
+    assert want.query("population == 'A' and marker == 'IFNg' and statistic == 'median'")[
+        "value"].item() == pytest.approx(np.median(a), rel=1e-6)  # float32 values
+    assert want.query("population == 'B' and marker == 'TNFa' and statistic == 'frac_pos'")[
+        "value"].item() == pytest.approx((asinh.loc[member["B"], "TNFa"] > 2.0).mean())
+
+
+def test_sample_statistics_children_gathered_from_their_parent() -> None:
+    """B lists A as its parent: the result is the same as gathering B from all cells, and a
+    'parent' that is not a superset is not trusted."""
+    member = MEMBERSHIP.assign(B=[0, 1, 1, 0, 0, 0]).astype(bool)  # B ⊂ A
+    pops = POPS.assign(count=[4, 2])
+    flat = POPS.assign(parent=["root", "root"], count=[4, 2])
+    args = {"markers": ["IFNg", "TNFa"], "statistics": ("median", "frac_pos"),
+            "frac_pos_threshold": 2.0, "min_cells": 2}
+    pd.testing.assert_frame_equal(sample_statistics(CELLS, member, pops, **args),
+                                  sample_statistics(CELLS, member, flat, **args))
+    v = sample_statistics(CELLS, MEMBERSHIP, POPS, **args)  # B ⊄ A although A is its parent
+    assert v.query("population == 'B' and marker == 'TNFa' and statistic == 'median'")[
+        "value"].item() == 3.0
+
+
+def test_positivity_thresholds_and_per_population_gates() -> None:
+    """Unstimulated quantiles per (population, marker) gate the stimulated sample."""
+    gates = positivity_thresholds(CELLS, MEMBERSHIP, markers=["IFNg", "TNFa"], quantile=0.5,
+                                  min_cells=2)
+    assert gates[("A", "IFNg")] == pytest.approx(2.5) and gates[("B", "TNFa")] == 3.0
+    gates = positivity_thresholds(CELLS, MEMBERSHIP, markers=["IFNg"], quantile=0.75,
+                                  min_cells=3)
+    assert gates == {("A", "IFNg"): pytest.approx(np.quantile([0.0, 2.0, 3.0, 4.0], 0.75))}
+    v = stats(frac_pos_threshold={("A", "IFNg"): 2.5, ("B", "TNFa"): 2.0})
+    assert v[("A", "IFNg", "frac_pos")] == 0.5  # 3, 4 > 2.5
+    assert v[("B", "TNFa", "frac_pos")] == 1.0
+    assert np.isnan(v[("A", "TNFa", "frac_pos")])  # no gate for that pair
 
 
 # ------------------------------------------------------------------------------ matrix

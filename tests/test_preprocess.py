@@ -12,7 +12,15 @@ import pytest
 
 from predictor.io.fcs import FCSQuirkWarning, read_fcs
 from predictor.io.panel import apply_panel, draft_panel, panel_from_frame
-from predictor.preprocess import THRESHOLD_KEYS, arcsinh, cleanup, qc_table, transform
+from predictor.preprocess import (
+    THRESHOLD_KEYS,
+    arcsinh,
+    cleanup,
+    cleanup_mask,
+    kept_cells,
+    qc_table,
+    transform,
+)
 
 PBMC8 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc8"
 PBMC8_FILES = sorted(PBMC8.glob("*.fcs"))
@@ -227,3 +235,47 @@ def test_cleanup_on_the_simulated_cohort(simulated) -> None:
     mask, label = np.concatenate(masks), np.concatenate(labels)
     assert mask.shape == label.shape
     _check_accuracy(mask, ~np.isin(label, non_cell))
+
+
+def test_cleanup_raw_cells_and_mask_agree_with_transformed() -> None:
+    cells, _ = _synthetic(4000, seed=3)
+    res = cleanup(cells, _panel())
+    raw = cleanup(cells, _panel(), transformed=False)
+    np.testing.assert_array_equal(raw.mask, res.mask)
+    np.testing.assert_array_equal(raw.cells["IFNg"].to_numpy(),
+                                  cells.loc[res.mask, "IFNg"].to_numpy())
+    keep, qc, thresholds = cleanup_mask(cells, _panel())
+    np.testing.assert_array_equal(keep, res.mask)
+    assert qc == res.qc and thresholds == res.thresholds
+    # Given its own thresholds back, cleanup keeps the same events (pass 2 of features).
+    again = cleanup(cells, _panel(), thresholds=res.thresholds)
+    np.testing.assert_array_equal(again.mask, res.mask)
+    # kept_cells on a subset of the mask gathers just those rows.
+    some = res.mask & (np.arange(len(cells)) % 3 == 0)
+    sub = kept_cells(cells, _panel(), some)
+    np.testing.assert_allclose(sub["CD3"].to_numpy(),
+                               np.arcsinh(cells.loc[some, "CD3"].to_numpy() / 5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_density_matches_numpy_quantile_and_histogram(seed) -> None:
+    from predictor.preprocess import _density
+
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(1, 0.3, 5000), rng.normal(4, 0.5, 2000), [np.nan, np.inf]])
+    x = x.astype(np.float32)
+    d = _density(x, smooth=0.0 + 1e-9)
+    finite = x[np.isfinite(x)]
+    lo, hi = np.quantile(finite, [0.001, 0.999])
+    counts, edges = np.histogram(finite, bins=np.linspace(lo, hi, 257))
+    np.testing.assert_allclose(d.centers, (edges[:-1] + edges[1:]) / 2, rtol=1e-12)
+    np.testing.assert_allclose(d.values, counts, atol=1e-6)  # smoothing ~off
+
+
+@pytest.mark.parametrize("n_channels", [1, 2, 3, 5])
+def test_bead_score_is_the_second_lowest_channel(n_channels) -> None:
+    from predictor.preprocess import _bead_score
+
+    values = np.random.default_rng(n_channels).normal(size=(500, n_channels)).astype(np.float32)
+    k = 1 if n_channels >= 3 else 0
+    np.testing.assert_array_equal(_bead_score(values), np.partition(values, k, axis=1)[:, k])
