@@ -330,9 +330,14 @@ def _select_rows(cells: pd.DataFrame, columns: list[str], keep: np.ndarray) -> n
     """
     block = cells.to_numpy(dtype=np.float32).T  # a view for single-block float32 frames
     where = {c: i for i, c in enumerate(cells.columns)}
-    out = np.empty((len(columns), int(np.count_nonzero(keep))), dtype=np.float32)
+    n_kept = int(np.count_nonzero(keep))
+    out = np.empty((len(columns), n_kept), dtype=np.float32)
+    at = np.flatnonzero(keep) if n_kept < len(keep) // 8 else None  # a few rows: gather
     for r, c in enumerate(columns):
-        np.compress(keep, block[where[c]], out=out[r])
+        if at is None:
+            np.compress(keep, block[where[c]], out=out[r])
+        else:
+            np.take(block[where[c]], at, out=out[r])
     return out
 
 

@@ -27,13 +27,13 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def count_cleaning(monkeypatch):
     calls: list[str] = []
-    real = cohort.clean_sample
+    real = cohort.load_sample
 
     def counting(path, panel, **kwargs):
         calls.append(path)
         return real(path, panel, **kwargs)
 
-    monkeypatch.setattr(cohort, "clean_sample", counting)
+    monkeypatch.setattr(cohort, "load_sample", counting)
     return calls
 
 

@@ -106,21 +106,6 @@ def test_sample_statistics_on_raw_cells_equal_the_transformed_ones() -> None:
         "value"].item() == pytest.approx((asinh.loc[member["B"], "TNFa"] > 2.0).mean())
 
 
-def test_sample_statistics_children_gathered_from_their_parent() -> None:
-    """B lists A as its parent: the result is the same as gathering B from all cells, and a
-    'parent' that is not a superset is not trusted."""
-    member = MEMBERSHIP.assign(B=[0, 1, 1, 0, 0, 0]).astype(bool)  # B ⊂ A
-    pops = POPS.assign(count=[4, 2])
-    flat = POPS.assign(parent=["root", "root"], count=[4, 2])
-    args = {"markers": ["IFNg", "TNFa"], "statistics": ("median", "frac_pos"),
-            "frac_pos_threshold": 2.0, "min_cells": 2}
-    pd.testing.assert_frame_equal(sample_statistics(CELLS, member, pops, **args),
-                                  sample_statistics(CELLS, member, flat, **args))
-    v = sample_statistics(CELLS, MEMBERSHIP, POPS, **args)  # B ⊄ A although A is its parent
-    assert v.query("population == 'B' and marker == 'TNFa' and statistic == 'median'")[
-        "value"].item() == 3.0
-
-
 def test_positivity_thresholds_and_per_population_gates() -> None:
     """Unstimulated quantiles per (population, marker) gate the stimulated sample."""
     gates = positivity_thresholds(CELLS, MEMBERSHIP, markers=["IFNg", "TNFa"], quantile=0.5,

@@ -39,7 +39,11 @@ from predictor.populations.gating import (
 )
 from predictor.preprocess import cleanup_mask, kept_cells
 
-__all__ = ["FeatureSet", "extract_features", "clean_sample"]
+__all__ = ["FeatureSet", "extract_features", "clean_sample", "load_sample"]
+
+# Pass 1 fits each file's cleanup thresholds (density valleys) on this many random events:
+# plenty for a 256-bin density, and it spares cleaning every event twice.
+CLEANUP_FIT_EVENTS = 50_000
 
 
 @dataclass
@@ -125,28 +129,45 @@ class FeatureSet:
         )
 
 
-def clean_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
-                 transformed: bool = True, max_cells: int | None = None,
-                 seed: Sequence[int] = (0,)) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row).
+def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
+                max_events: int | None = None, seed: Sequence[int] = (0,)
+                ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """Read one FCS file and find its cleanup mask: (raw events, mask of kept events, QC row).
 
     ``thresholds`` fixes the cleanup thresholds (e.g. those pass 1 found for this file);
-    ``transformed=False`` returns the kept cells raw; ``max_cells`` returns a random subset of
-    the kept cells (drawn with ``seed``), and only that subset is gathered and transformed.
-    The QC row has the thresholds used as ``threshold_<key>``.
+    ``max_events`` keeps a random subset of the file's events (drawn with ``seed``). The QC
+    row has the thresholds used as ``threshold_<key>``.
     """
     sample = read_fcs(path, warn=False)  # quirks go to the QC table instead
+    if max_events is not None and sample.n_events > max_events:
+        draw = np.random.default_rng([*seed, 1]).choice(sample.n_events, max_events, replace=False)
+        sample = replace(sample, events=sample.events[np.sort(draw)])
     raw = apply_panel(sample, panel)
     keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
+    qc = {**qc, "quirks": "; ".join(sample.quirks)}
+    return raw, keep, qc | {f"threshold_{k}": v for k, v in used.items()}
+
+
+def clean_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
+                 transformed: bool = True, max_cells: int | None = None,
+                 max_events: int | None = None, seed: Sequence[int] = (0,)
+                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row).
+
+    ``transformed=False`` returns the kept cells raw; ``max_cells`` returns a random subset of
+    the kept cells (drawn with ``seed``), and only that subset is gathered and transformed;
+    ``max_events`` cleans a random subset of the file's events only (see
+    :func:`load_sample`).
+    """
+    raw, keep, qc = load_sample(path, panel, thresholds=thresholds, max_events=max_events,
+                                seed=seed)
     rows = keep
     if max_cells is not None and qc["kept"] > max_cells:
         at = np.flatnonzero(keep)
         pick = np.random.default_rng(list(seed)).choice(len(at), max_cells, replace=False)
         rows = np.zeros_like(keep)
         rows[at[pick]] = True
-    cells = kept_cells(raw, panel, rows, transformed=transformed)
-    qc = {**qc, "quirks": "; ".join(sample.quirks)}
-    return cells, qc | {f"threshold_{k}": v for k, v in used.items()}
+    return kept_cells(raw, panel, rows, transformed=transformed), qc
 
 
 def _cleanup_thresholds(qc: dict[str, Any]) -> dict[str, float]:
@@ -174,20 +195,22 @@ def _cached(cache_dir, make_key, compute):
 def _pass1(job):
     """Clean one sample and draw its share of the pooled subsample gates are fitted on.
 
-    Only the drawn cells are transformed; the sample's cleanup thresholds travel back so
-    pass 2 does not fit them again.
+    The cleanup thresholds are fitted on a random subset of the file's events
+    (:data:`CLEANUP_FIT_EVENTS`), and travel back so pass 2 applies them to every event
+    without fitting them again; only the drawn cells are transformed.
     """
     sample_id, path, panel, max_cells, seed, cache_dir = job
     digest = file_digest(path) if cache_dir is not None else None
 
     def compute():
         draw = (seed, zlib.crc32(str(sample_id).encode()))  # order-independent
-        cells, qc = clean_sample(path, panel, max_cells=max_cells, seed=draw)
+        cells, qc = clean_sample(path, panel, max_cells=max_cells, seed=draw,
+                                 max_events=max(CLEANUP_FIT_EVENTS, max_cells))
         return {"cells": cells}, {"qc": qc}
 
     def key():
         return settings_digest("pass1", digest, sample_id, panel.table.to_dict("list"),
-                               max_cells, seed, __version__)
+                               max_cells, seed, CLEANUP_FIT_EVENTS, __version__)
 
     (tables, data), _ = _cached(cache_dir, key, compute)
     return sample_id, tables["cells"], data["qc"], digest
@@ -217,20 +240,20 @@ def _pass2(job):
     cof = panel.cofactors() if gated else None
 
     def compute():
-        cells, qc = clean_sample(sj.path, panel, thresholds=sj.cleanup, transformed=not gated)
-        if gated:
-            membership = gating.apply(cells, batch=sj.batch, cofactors=cof)
+        if gated:  # gate every event raw; removed events join no population
+            cells, keep, qc = load_sample(sj.path, panel, thresholds=sj.cleanup)
+            membership = gating.apply(cells, batch=sj.batch, cofactors=cof, live=keep)
+            n_live = int(np.count_nonzero(keep))
         else:
-            membership = gating.apply(cells)
-        pops = population_table(gating, membership, sample_id=sj.sample_id)
+            cells, qc = clean_sample(sj.path, panel, thresholds=sj.cleanup)
+            membership, n_live = gating.apply(cells), None
+        pops = population_table(gating, membership, sample_id=sj.sample_id, n_live=n_live)
         data: dict[str, Any] = {"qc": qc}
         threshold = sj.positivity if sj.positivity is not None else cfg.frac_pos_threshold
         if sj.reference:  # an unstimulated sample is gated by its own quantiles
             threshold = positivity_thresholds(cells, membership, markers=markers,
                                               quantile=cfg.frac_pos_quantile,
-                                              min_cells=cfg.min_cells, cofactors=cof,
-                                              parents=dict(zip(pops["population"],
-                                                               pops["parent"], strict=True)))
+                                              min_cells=cfg.min_cells, cofactors=cof)
             data["positivity"] = [[p, m, v] for (p, m), v in threshold.items()]
         stats = sample_statistics(
             cells, membership, pops, markers=markers, statistics=cfg.statistics,

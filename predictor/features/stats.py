@@ -49,10 +49,8 @@ def _summarise(
     frac_pos_threshold: Thresholds = np.nan,
     quantile: float | None = None,
     cofactors: Mapping[str, float] | None = None,
-    parents: Mapping[str, str] | None = None,
 ) -> _Summary:
     pops = list(membership.columns)
-    parents = parents or {}
     shape = (len(pops), len(markers))
     median, frac, qv = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     if not markers:
@@ -66,26 +64,17 @@ def _summarise(
 
     thr = _threshold_matrix(frac_pos_threshold, pops, markers)
     raw_thr = cof[:, 0] * np.sinh(thr) if cof is not None else thr  # same cut, raw scale
-    # A population is a subset of its parent (listed before it): gather its cells from the
-    # parent's, scanning the parent rather than the whole sample.
-    gathered: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # population -> (mask, values)
     for i, p in enumerate(pops):
-        mask = membership[p].to_numpy()
-        n = int(np.count_nonzero(mask))
+        at = np.flatnonzero(membership[p].to_numpy())
+        n = len(at)
         if n < max(min_cells, 1):
             continue
-        up = gathered.get(parents.get(p, ""))
-        if up is not None and np.any(mask & ~up[0]):  # not a subset after all
-            up = None
-        values = (np.compress(mask[up[0]], up[1], axis=1) if up is not None
-                  else np.compress(mask, x, axis=1))
-        gathered[p] = (mask, values)
+        values = np.take(x, at, axis=1)  # cost follows the population's size, not the sample's
         s = np.sort(values, axis=1)
         lo, hi = scale(s[:, (n - 1) // 2 : (n - 1) // 2 + 1]), scale(s[:, n // 2 : n // 2 + 1])
         median[i] = (lo[:, 0].astype(np.float64) + hi[:, 0]) / 2
-        with np.errstate(invalid="ignore"):
-            above = np.count_nonzero(s > raw_thr[i][:, None], axis=1)
-        frac[i] = np.where(np.isnan(raw_thr[i]), np.nan, above / n)
+        for j in np.flatnonzero(~np.isnan(raw_thr[i])):  # count above t: a binary search
+            frac[i, j] = (n - np.searchsorted(s[j], raw_thr[i, j], side="right")) / n
         if quantile is not None:
             pos = quantile * (n - 1)  # linear interpolation, as np.quantile
             a = int(np.floor(pos))
@@ -140,11 +129,8 @@ def sample_statistics(
                                         "value": pop[stat].to_numpy(dtype=np.float64)}))
     wanted = [s for s in ("median", "frac_pos") if s in statistics]
     if wanted:
-        parents = (dict(zip(pop.index, pop["parent"], strict=True)) if "parent" in pop
-                   else None)
         summary = _summarise(cells, membership, markers, min_cells=min_cells,
-                             frac_pos_threshold=frac_pos_threshold, cofactors=cofactors,
-                             parents=parents)
+                             frac_pos_threshold=frac_pos_threshold, cofactors=cofactors)
         n_p, n_m = len(summary.populations), len(markers)
         for stat in wanted:
             values = summary.median if stat == "median" else summary.frac_pos
@@ -174,16 +160,14 @@ def positivity_thresholds(
     quantile: float,
     min_cells: int,
     cofactors: Mapping[str, float] | None = None,
-    parents: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, str], float]:
     """Per (population, marker), the ``quantile`` of the cells' values (arcsinh scale).
 
     Taken on an unstimulated sample, these are the positivity gates for the same patient's
     stimulated sample at that timepoint. Populations under ``min_cells`` give no threshold.
-    ``parents`` (population → parent) only speeds up gathering each population's cells.
     """
     summary = _summarise(cells, membership, markers, min_cells=min_cells, quantile=quantile,
-                         cofactors=cofactors, parents=parents)
+                         cofactors=cofactors)
     return {
         (p, m): float(summary.quantile[i, j])
         for i, p in enumerate(summary.populations)

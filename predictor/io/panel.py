@@ -401,16 +401,17 @@ def apply_panel(sample: FCSData, panel: Panel, *, roles: tuple[str, ...] | None 
     return pd.DataFrame(data.T, columns=list(table["marker"]), copy=False)
 
 
-def channel_major(events: np.ndarray, cols: list[int], *, block: int = 8192) -> np.ndarray:
+def channel_major(events: np.ndarray, cols: list[int], *, block: int = 1024) -> np.ndarray:
     """``events[:, cols].T`` as a C-contiguous float32 array (channels × events).
 
     FCS files store events row by row; per-marker work (thresholds, medians) wants each
-    channel contiguous. Transposing a block of rows at a time stays in cache and is ~4× faster
-    than one large transposed copy.
+    channel contiguous. Transposing a block of rows at a time stays in cache, several times
+    faster than one large transposed copy.
     """
-    n = len(events)
-    out = np.empty((len(cols), n), dtype=np.float32)
-    idx = np.asarray(cols, dtype=np.intp)
+    n, width = events.shape if events.ndim == 2 else (len(events), 0)
+    out = np.empty((width, n), dtype=np.float32)
     for start in range(0, n, block):
-        out[:, start : start + block] = events[start : start + block, idx].T
-    return out
+        out[:, start : start + block] = events[start : start + block].T
+    if list(cols) == list(range(width)):
+        return out
+    return out[np.asarray(cols, dtype=np.intp)]

@@ -447,9 +447,10 @@ class Gating:
         return self.thresholds
 
     def apply(self, cells: pd.DataFrame, *, batch: str | None = None,
-              cofactors: Mapping[str, float] | None = None) -> pd.DataFrame:
+              cofactors: Mapping[str, float] | None = None,
+              live: np.ndarray | None = None) -> pd.DataFrame:
         """Membership of ``cells`` (see :func:`apply_gating`)."""
-        return apply_gating(self, cells, batch=batch, cofactors=cofactors)
+        return apply_gating(self, cells, batch=batch, cofactors=cofactors, live=live)
 
     def threshold_table(self) -> pd.DataFrame:
         """Tidy thresholds: batch (``""`` = pooled), population, parent, marker, threshold,
@@ -582,8 +583,9 @@ class _Columns:
 
 
 def _gate(resolved, order: Sequence[PopulationDef], cols: _Columns, thresholds: Thresholds,
-          n: int) -> dict[str, np.ndarray]:
-    masks: dict[str, np.ndarray] = {ROOT: np.ones(n, dtype=bool)}
+          n: int, live: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    root = np.ones(n, dtype=bool) if live is None else np.asarray(live, dtype=bool)
+    masks: dict[str, np.ndarray] = {ROOT: root}
     for pop in order:
         if pop.name not in resolved:
             continue
@@ -784,7 +786,8 @@ def fit_gating(
 
 
 def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = None,
-                 cofactors: Mapping[str, float] | None = None) -> pd.DataFrame:
+                 cofactors: Mapping[str, float] | None = None,
+                 live: np.ndarray | None = None) -> pd.DataFrame:
     """Boolean membership of every cell in every gated population (columns in template order).
 
     Parameters
@@ -800,6 +803,9 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
     cofactors
         Marker → cofactor for raw ``cells``: each threshold t is moved to the raw scale as
         ``cofactor · sinh(t)``, the same cut without transforming every event.
+    live
+        Boolean mask of the events that are live cells (e.g. the cleanup mask) when ``cells``
+        has every event: the others belong to no population.
     """
     missing = [m for m in gating.markers if m not in cells.columns]
     if missing:
@@ -812,18 +818,21 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
         thresholds = {pop: {m: float(cofactors[m] * np.sinh(t)) for m, t in thr.items()}
                       for pop, thr in thresholds.items()}
     masks = _gate(gating.resolved, gating.template.populations, _Columns(cells), thresholds,
-                  len(cells))
+                  len(cells), live)
     del masks[ROOT]
     return pd.DataFrame(masks, index=cells.index)
 
 
-def population_table(gating: Any, membership: pd.DataFrame, *, sample_id: str) -> pd.DataFrame:
+def population_table(gating: Any, membership: pd.DataFrame, *, sample_id: str,
+                     n_live: int | None = None) -> pd.DataFrame:
     """Tidy counts of one sample: sample_id, population, parent, count, pct_parent, pct_live.
 
     ``gating`` is anything with ``parent(name)``: a :class:`Gating` or a
-    :class:`~predictor.populations.clustering.Clustering`.
+    :class:`~predictor.populations.clustering.Clustering`. ``n_live`` is the number of live
+    cells when ``membership`` also has rows of removed events (in no population); by default
+    every row is a live cell.
     """
-    n_live = len(membership)
+    n_live = len(membership) if n_live is None else int(n_live)
     counts = membership.sum(axis=0).astype(int)
     rows = []
     for name in membership.columns:
