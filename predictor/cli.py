@@ -104,6 +104,9 @@ def features(
     template: Annotated[str, typer.Option(help="Gating template YAML, or 'default'.")] = "default",
     clusters: Annotated[int | None, typer.Option(help="FlowSOM metaclusters instead of gating (named by the template).")] = None,
     mode: Annotated[str, typer.Option(help="'on-treatment' or 'baseline'.")] = "on-treatment",
+    frac_pos_reference: Annotated[str, typer.Option(help="Positivity gate of frac_pos: 'fixed' (arcsinh --frac-pos-threshold) or 'unstim' (--frac-pos-quantile of the patient's unstimulated sample at that timepoint, per population).")] = "fixed",
+    frac_pos_threshold: Annotated[float, typer.Option(help="Fixed positivity threshold, arcsinh units.")] = 2.0,
+    frac_pos_quantile: Annotated[float, typer.Option(help="Quantile of the unstimulated sample used as the gate.")] = 0.99,
     jobs: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786) to run on.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Per-sample cache folder: re-runs skip finished samples.")] = None,
@@ -115,7 +118,8 @@ def features(
     from predictor.io.panel import read_panel
     from predictor.io.samplesheet import read_sample_sheet
 
-    cfg = FeatureConfig(mode=mode, n_jobs=jobs)
+    cfg = FeatureConfig(mode=mode, n_jobs=jobs, frac_pos_reference=frac_pos_reference,
+                        frac_pos_threshold=frac_pos_threshold, frac_pos_quantile=frac_pos_quantile)
     if out.exists() and any(out.iterdir()) and not force:
         raise PredictorError(f"{out}: folder exists and is not empty; choose another --out or pass --force.")
     pnl = read_panel(panel)
@@ -148,7 +152,10 @@ def train(
 def _print_training(res) -> None:
     tr = res.training
     p = tr.permutation
-    _say(f"Experiment {res.config.name}: {len(res.features.X)} patients, {res.features.X.shape[1]} features")
+    n_cov = len(tr.covariates)
+    adjusted = f", adjusted for {', '.join(res.config.model.covariates)}" if n_cov else ""
+    _say(f"Experiment {res.config.name}: {len(res.features.X)} patients, "
+         f"{res.features.X.shape[1] - n_cov} features{adjusted}")
     for name, v in tr.metrics.items():
         _say(f"  {name:<18} {v['estimate']:.3f}  (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})")
     how = f", {p['procedure']}" if p.get("procedure") else ""
@@ -168,6 +175,7 @@ def score(
     model: Annotated[str, typer.Option(help="models/NAME (newest), models/NAME/vNNN, or models:/NAME@alias.")],
     samples: Annotated[Path, typer.Option(help="Sample sheet of the new patients.")],
     out: Annotated[Path, typer.Option(help="Scores CSV (or .parquet).")],
+    clinical: Annotated[Path | None, typer.Option(help="Clinical table of the new patients (patient_id + the model's covariates, e.g. arm); needed when the model has clinical covariates.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write an HTML report with patient cards.")] = None,
     allow_missing_markers: Annotated[bool, typer.Option(help="Score even if files lack panel markers (features missing, warned).")] = False,
     store: Annotated[Path, typer.Option(help="MLflow SQLite store, for models:/ URIs.")] = Path("mlflow.db"),
@@ -182,7 +190,8 @@ def score(
     if report is not None and report.exists() and not force:
         raise PredictorError(f"{report}: exists already; choose another --report or pass --force.")
     scores, fs = score_samples(model, samples, out, force=force, allow_missing_markers=allow_missing_markers,
-                               store=store, n_jobs=jobs, scheduler=scheduler, progress=True)
+                               store=store, n_jobs=jobs, scheduler=scheduler, progress=True,
+                               clinical=clinical)
     survival = "high_risk" in scores
     flagged = int(scores["high_risk" if survival else "flag"].sum())
     what = "at high risk" if survival else "flagged as likely to benefit"

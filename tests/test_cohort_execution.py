@@ -4,6 +4,7 @@ Dask LocalCluster giving the same features as the local pool, and the AnnData ex
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -192,3 +193,21 @@ def test_frac_pos_reference_is_validated(tmp_path):
     exp.write_text("[features]\nfrac_pos_reference = 'unstim'\nfrac_pos_quantile = 99\n")
     with pytest.raises(ConfigError, match="'frac_pos_quantile' .* in \\(0, 1\\)"):
         load_experiment(exp)
+
+
+def test_cli_features_with_unstim_positivity_and_a_bad_reference(tiny, tmp_path, capsys):
+    from predictor.cli import main
+
+    sheet, _ = tiny
+    root = Path(sheet["path"].iloc[0]).parents[1]
+    args = ["features", "--samples", str(root / "samples.csv"), "--panel", str(root / "panel.csv"),
+            "--jobs", "1"]
+    assert main([*args, "--out", str(tmp_path / "f"), "--frac-pos-reference", "unstim",
+                 "--frac-pos-quantile", "0.95"]) == 0
+    long = pd.read_parquet(tmp_path / "f" / "features_long.parquet")
+    unstim = long[(long["statistic"] == "frac_pos") & (long["condition"] == "unstim")]
+    assert unstim["value"].max() <= 0.05 + 1 / 20  # ~5% above its own 95th percentile
+    assert main([*args, "--out", str(tmp_path / "g"), "--frac-pos-reference", "unstimulated"]) == 2
+    err = capsys.readouterr().err
+    assert "frac_pos_reference must be one of fixed, unstim; got 'unstimulated'" in err
+    assert not (tmp_path / "g").exists()

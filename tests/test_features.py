@@ -8,9 +8,14 @@ import pytest
 
 from predictor.config import FeatureConfig
 from predictor.errors import OutputExistsError
-from predictor.features import FeatureSet, build_matrix, feature_name, sample_statistics
+from predictor.features import (
+    FeatureSet,
+    build_matrix,
+    feature_name,
+    positivity_thresholds,
+    sample_statistics,
+)
 from predictor.features.matrix import META_COLUMNS
-from predictor.features.stats import positivity_thresholds
 
 # ------------------------------------------------------------------------------ statistics
 
