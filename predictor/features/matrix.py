@@ -82,49 +82,53 @@ def build_matrix(long: pd.DataFrame, cfg: FeatureConfig) -> tuple[pd.DataFrame, 
         index=["patient_id", "timepoint", "condition"], columns=key, values="value",
         aggfunc="first", dropna=False,
     )
-    blocks: dict[tuple[str, str, str, str, str], pd.Series] = {}
+    wide = wide.astype(float)
+    freq = wide.columns.get_level_values("statistic").isin(FREQUENCY_STATISTICS)
+    contrast = f"{cfg.stim}-{cfg.unstim}"
 
     def get(tp: str, cond: str) -> pd.DataFrame:
         try:
             return wide.xs((tp, cond), level=("timepoint", "condition"))
         except KeyError:
-            return pd.DataFrame(index=pd.Index([], name="patient_id"), columns=wide.columns)
+            return pd.DataFrame(index=pd.Index([], name="patient_id"), columns=wide.columns,
+                                dtype=float)
 
-    def per_timepoint(tp: str) -> dict[tuple[str, str, str, str], pd.Series]:
+    def per_timepoint(tp: str) -> pd.DataFrame:
+        """Columns (population, marker, statistic, condition): unstim, stim and stim − unstim
+        (the last two for marker statistics only), in the order of ``wide``'s columns."""
         unstim, stim = get(tp, cfg.unstim), get(tp, cfg.stim)
-        out: dict[tuple[str, str, str, str], pd.Series] = {}
-        for col in wide.columns:
-            pop, marker, stat = col
-            if stat in FREQUENCY_STATISTICS:
-                out[(pop, marker, stat, cfg.unstim)] = unstim[col]
-            else:
-                out[(pop, marker, stat, cfg.unstim)] = unstim[col]
-                out[(pop, marker, stat, cfg.stim)] = stim[col]
-                out[(pop, marker, stat, f"{cfg.stim}-{cfg.unstim}")] = stim[col] - unstim[col].reindex(stim.index)
-        return out
+        marker_stats = wide.columns[~freq]
+        parts = {
+            cfg.unstim: unstim,
+            cfg.stim: stim[marker_stats],
+            contrast: stim[marker_stats] - unstim[marker_stats].reindex(stim.index),
+        }
+        out = pd.concat(parts, axis=1, names=["condition"])
+        out.columns = out.columns.reorder_levels([1, 2, 3, 0])
+        order = [(*col, c) for col, is_freq in zip(wide.columns, freq, strict=True)
+                 for c in ((cfg.unstim,) if is_freq else (cfg.unstim, cfg.stim, contrast))]
+        return out[pd.MultiIndex.from_tuples(order)]
 
     base = per_timepoint(cfg.baseline)
-    for (pop, marker, stat, cond), s in base.items():
-        blocks[(pop, marker, stat, cond, cfg.baseline)] = s
+    blocks = {cfg.baseline: base}
     if cfg.mode == "on-treatment":
         on = per_timepoint(cfg.on_treatment)
-        delta = f"{cfg.on_treatment}-{cfg.baseline}"
-        for k, s_on in on.items():
-            s_base = base[k].reindex(s_on.index)
-            stat = k[2]
-            if stat in FREQUENCY_STATISTICS:
-                eps = _PSEUDO[stat]
-                d = np.log2((s_on + eps) / (s_base + eps))
-            else:
-                d = s_on - s_base
-            blocks[(*k, delta)] = d
+        before = base.reindex(index=on.index, columns=on.columns)
+        eps = np.array([_PSEUDO.get(stat, 0.0) for stat in on.columns.get_level_values(2)])
+        is_freq = on.columns.get_level_values(2).isin(FREQUENCY_STATISTICS)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log2((on.to_numpy() + eps) / (before.to_numpy() + eps))
+        delta = np.where(is_freq, ratio, on.to_numpy() - before.to_numpy())
+        blocks[f"{cfg.on_treatment}-{cfg.baseline}"] = pd.DataFrame(delta, index=on.index,
+                                                                    columns=on.columns)
     meta_rows = []
-    cols = {}
-    for (pop, marker, stat, cond, tp), s in blocks.items():
-        name = feature_name(pop, marker, stat, cond, tp, baseline=cfg.baseline)
-        cols[name] = s.astype(float)
-        meta_rows.append((name, pop, marker, stat, cond, tp))
-    X = pd.DataFrame(cols)
+    frames = []
+    for tp, frame in blocks.items():
+        names = [feature_name(pop, marker, stat, cond, tp, baseline=cfg.baseline)
+                 for pop, marker, stat, cond in frame.columns]
+        meta_rows += [(name, *col, tp) for name, col in zip(names, frame.columns, strict=True)]
+        frames.append(frame.set_axis(names, axis=1))
+    X = pd.concat(frames, axis=1)
     X.index.name = "patient_id"
     X = X.sort_index()
     meta = pd.DataFrame(meta_rows, columns=["feature", *META_COLUMNS]).set_index("feature")
