@@ -315,3 +315,16 @@ def test_feature_set_refuses_to_overwrite(tmp_path, feature_set) -> None:
         with pytest.raises(OutputExistsError, match="is a file, not a folder"):
             feature_set.save(tmp_path / "features.csv", overwrite=overwrite)
     assert (tmp_path / "features.csv").read_text() == "a file\n"
+
+
+def test_float32_cut_counts_like_the_float64_threshold() -> None:
+    from predictor.features.stats import _float32_below
+
+    rng = np.random.default_rng(1)
+    x = np.sort(rng.normal(size=5000).astype(np.float32))
+    t = np.concatenate([rng.normal(size=200), x[::50].astype(np.float64), [np.nan]])
+    cut = _float32_below(t)
+    assert cut.dtype == np.float32
+    for ti, ci in zip(t[:-1], cut[:-1], strict=True):
+        assert np.searchsorted(x, ci, side="right") == np.count_nonzero(x <= ti)
+    assert np.isnan(cut[-1])

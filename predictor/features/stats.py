@@ -40,6 +40,15 @@ def _threshold_matrix(thr: Thresholds, populations: Sequence[str], markers: Sequ
     return np.full((len(populations), len(markers)), float(thr))
 
 
+def _float32_below(t: np.ndarray) -> np.ndarray:
+    """The largest float32 ≤ t: for float32 values, ``x > t`` ⇔ ``x > _float32_below(t)``,
+    and comparing in float32 spares casting every value to float64."""
+    t32 = np.asarray(t, dtype=np.float64).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        over = t32.astype(np.float64) > t
+    return np.where(over, np.nextafter(t32, np.float32(-np.inf)), t32)
+
+
 def _summarise(
     cells: pd.DataFrame,
     membership: pd.DataFrame,
@@ -57,30 +66,31 @@ def _summarise(
         return _Summary(pops, median, frac, qv)
     # Channel-major copy: one contiguous row per marker, so gathering a population is cheap.
     x = np.stack([np.asarray(cells[m].to_numpy(), dtype=np.float32) for m in markers])
-    cof = np.array([cofactors[m] for m in markers])[:, None] if cofactors is not None else None
+    cof = np.array([cofactors[m] for m in markers]) if cofactors is not None else None
 
-    def scale(v: np.ndarray) -> np.ndarray:  # raw order statistics → arcsinh scale
+    def scale(v: np.ndarray) -> np.ndarray:  # raw order statistics → arcsinh scale (float64)
+        v = v.astype(np.float64)
         return np.arcsinh(v / cof) if cof is not None else v
 
     thr = _threshold_matrix(frac_pos_threshold, pops, markers)
-    raw_thr = cof[:, 0] * np.sinh(thr) if cof is not None else thr  # same cut, raw scale
+    raw_thr = cof * np.sinh(thr) if cof is not None else thr  # same cut, raw scale
+    cut32 = _float32_below(raw_thr)
     for i, p in enumerate(pops):
         at = np.flatnonzero(membership[p].to_numpy())
         n = len(at)
         if n < max(min_cells, 1):
             continue
-        values = np.take(x, at, axis=1)  # cost follows the population's size, not the sample's
-        s = np.sort(values, axis=1)
-        lo, hi = scale(s[:, (n - 1) // 2 : (n - 1) // 2 + 1]), scale(s[:, n // 2 : n // 2 + 1])
-        median[i] = (lo[:, 0].astype(np.float64) + hi[:, 0]) / 2
+        # Sorting beats selection here: CyTOF values tie a lot (zeros), which sends
+        # np.partition's quickselect towards its slow path.
+        s = np.sort(np.take(x, at, axis=1), axis=1)
+        median[i] = (scale(s[:, (n - 1) // 2]) + scale(s[:, n // 2])) / 2
         for j in np.flatnonzero(~np.isnan(raw_thr[i])):  # count above t: a binary search
-            frac[i, j] = (n - np.searchsorted(s[j], raw_thr[i, j], side="right")) / n
+            frac[i, j] = (n - np.searchsorted(s[j], cut32[i, j], side="right")) / n
         if quantile is not None:
             pos = quantile * (n - 1)  # linear interpolation, as np.quantile
             a = int(np.floor(pos))
-            b = min(a + 1, n - 1)
-            va, vb = scale(s[:, a : a + 1])[:, 0], scale(s[:, b : b + 1])[:, 0]
-            qv[i] = va + (pos - a) * (vb.astype(np.float64) - va)
+            va, vb = scale(s[:, a]), scale(s[:, min(a + 1, n - 1)])
+            qv[i] = va + (pos - a) * (vb - va)
     return _Summary(pops, median, frac, qv)
 
 
