@@ -84,7 +84,7 @@ def run(quick: bool = False) -> list[BenchResult]:
         read_warm, n_events = _read_time(paths, cold=False)
         read_cold, _ = _read_time(paths, cold=True)
         timings = {}
-        for workers, cold in ((1, False), (2, False), (1, True)):
+        for workers, cold in ((1, False), (2, False), (1, True), (2, True)):
             if cold:
                 _evict(paths)
             t0 = time.perf_counter()
@@ -96,6 +96,8 @@ def run(quick: bool = False) -> list[BenchResult]:
                     timings[1, False], "s", read_warm, "reading the files once (page cache)",
                     "ratio ≤ 3"),
         BenchResult("features from disk, 1 worker", timings[1, True], "s", read_cold,
+                    "reading the files once from disk", "ratio ≤ 3"),
+        BenchResult("features from disk, 2 workers (default)", timings[2, True], "s", read_cold,
                     "reading the files once from disk", "ratio ≤ 3"),
         BenchResult("features, 2 workers", timings[2, False], "s", timings[1, False], "1 worker",
                     "ratio ≈ 0.5–0.6"),
