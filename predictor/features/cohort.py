@@ -24,7 +24,7 @@ from predictor import __version__
 from predictor.config import FRAC_POS_REFERENCES, FeatureConfig
 from predictor.errors import ConfigError, FeatureError, OutputExistsError
 from predictor.features.cache import SampleCache, file_digest, settings_digest
-from predictor.features.execution import run_tasks
+from predictor.features.execution import TaskRunner
 from predictor.features.matrix import build_matrix
 from predictor.features.stats import positivity_thresholds, sample_statistics
 from predictor.io.fcs import read_fcs
@@ -278,6 +278,24 @@ def _pass2(job):
     return sj.sample_id, pops, stats, data["qc"], gates
 
 
+def _unstim_partners(need: pd.DataFrame, cfg: FeatureConfig) -> dict[str, str]:
+    """Sample → the unstimulated sample of the same patient and timepoint (itself for the
+    unstimulated ones); a sample without one is an error naming it."""
+    cols = ["sample_id", "patient_id", "timepoint"]
+    is_ref = need["condition"].astype(str).eq(cfg.unstim).to_numpy()
+    ref = {(pt, tp): sid for sid, pt, tp in need.loc[is_ref, cols].itertuples(index=False)}
+    out = {}
+    for sid, pt, tp in need[cols].itertuples(index=False):
+        if (pt, tp) not in ref:
+            raise FeatureError(
+                f"Sample {sid!r} (patient {pt!r}, timepoint {tp!r}) has no {cfg.unstim!r} "
+                "sample to set its positivity thresholds (frac_pos_reference = 'unstim'); add "
+                "it to the sample sheet, or set frac_pos_reference = 'fixed' in [features]."
+            )
+        out[sid] = ref[pt, tp]
+    return out
+
+
 def extract_features(
     samples: pd.DataFrame,
     panel: Panel,
@@ -339,54 +357,47 @@ def extract_features(
     batch_col = need["batch"] if "batch" in need else pd.Series("1", index=need.index)
     rows = list(zip(need["sample_id"], need["path"], batch_col.astype(str), strict=True))
     cache_dir = str(cache) if cache is not None else None
-    run = {"n_jobs": cfg.n_jobs, "scheduler": scheduler}
-    pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
-    if gating is None:
-        jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
-        by_id = {}
-        for sid, cells, qc, digest in run_tasks(_pass1, jobs1, progress="Fitting gates" if progress else None, **run):
-            by_id[sid] = cells
-            pass1[sid] = (digest, _cleanup_thresholds(qc))  # pass 2 reuses both
-        subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
-        if clusters:
-            gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
-                                    max_cells_per_sample=max_cells_per_sample,
-                                    random_state=random_state)
+    partners = _unstim_partners(need, cfg) if (
+        cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics) else None
+    with TaskRunner(cfg.n_jobs, scheduler) as runner:  # one pool for every pass
+        pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
+        if gating is None:
+            jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
+            by_id = {}
+            for sid, cells, qc, digest in runner.map(_pass1, jobs1, progress="Fitting gates" if progress else None):
+                by_id[sid] = cells
+                pass1[sid] = (digest, _cleanup_thresholds(qc))  # pass 2 reuses both
+            subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
+            if clusters:
+                gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
+                                        max_cells_per_sample=max_cells_per_sample,
+                                        random_state=random_state)
+            else:
+                batches = [b for _, _, b in rows]
+                gating = fit_gating(subsamples, template, random_state=random_state,
+                                    batches=batches if len(set(batches)) > 1 else None)
+        markers = panel.by_role("functional") or panel.by_role("lineage")
+        sample_jobs = {
+            sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
+        }
+        results = {}
+
+        def run_pass2(jobs: list[_SampleJob], label: str) -> None:
+            tasks = [(sj, panel, gating, cfg, markers, cache_dir) for sj in jobs]
+            for sid, pop, st, qc, gates in runner.map(_pass2, tasks, progress=label if progress else None):
+                results[sid] = (pop, st, qc, gates)
+
+        if partners is not None:
+            # Unstimulated samples first: their per-population quantiles gate the stimulated
+            # sample of the same patient and timepoint.
+            refs = [replace(sample_jobs[sid], reference=True)
+                    for sid, ref in partners.items() if sid == ref]
+            run_pass2(refs, "Extracting features (unstimulated)")
+            others = [replace(sample_jobs[sid], positivity=results[ref][3])
+                      for sid, ref in partners.items() if sid != ref]
+            run_pass2(others, "Extracting features (stimulated)")
         else:
-            batches = [b for _, _, b in rows]
-            gating = fit_gating(subsamples, template, random_state=random_state,
-                                batches=batches if len(set(batches)) > 1 else None)
-    markers = panel.by_role("functional") or panel.by_role("lineage")
-    sample_jobs = {
-        sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
-    }
-    results = {}
-
-    def run_pass2(jobs: list[_SampleJob], label: str) -> None:
-        tasks = [(sj, panel, gating, cfg, markers, cache_dir) for sj in jobs]
-        for sid, pop, st, qc, gates in run_tasks(_pass2, tasks, progress=label if progress else None, **run):
-            results[sid] = (pop, st, qc, gates)
-
-    if cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics:
-        # Unstimulated samples first: their per-population quantiles gate the stimulated
-        # sample of the same patient and timepoint.
-        is_ref = need["condition"].astype(str).eq(cfg.unstim).to_numpy()
-        refs = [replace(sample_jobs[sid], reference=True) for sid in need["sample_id"][is_ref]]
-        run_pass2(refs, "Extracting features (unstimulated)")
-        partner = {(pt, tp): sid for sid, pt, tp in
-                   need.loc[is_ref, ["sample_id", "patient_id", "timepoint"]].itertuples(index=False)}
-        others = []
-        for sid, pt, tp in need.loc[~is_ref, ["sample_id", "patient_id", "timepoint"]].itertuples(index=False):
-            if (pt, tp) not in partner:
-                raise FeatureError(
-                    f"Sample {sid!r} (patient {pt!r}, timepoint {tp!r}) has no {cfg.unstim!r} "
-                    "sample to set its positivity thresholds (frac_pos_reference = 'unstim'); add "
-                    "it to the sample sheet, or set frac_pos_reference = 'fixed' in [features]."
-                )
-            others.append(replace(sample_jobs[sid], positivity=results[partner[pt, tp]][3]))
-        run_pass2(others, "Extracting features (stimulated)")
-    else:
-        run_pass2(list(sample_jobs.values()), "Extracting features")
+            run_pass2(list(sample_jobs.values()), "Extracting features")
     order = [sid for sid, _, _ in rows]
     pops = [results[sid][0] for sid in order]
     stats = [results[sid][1] for sid in order]

@@ -13,7 +13,7 @@ from typing import Any
 
 from predictor.errors import ConfigError
 
-__all__ = ["run_tasks"]
+__all__ = ["TaskRunner", "run_tasks"]
 
 
 def _progress(it: Iterable, total: int, label: str | None) -> Iterable:
@@ -24,6 +24,72 @@ def _progress(it: Iterable, total: int, label: str | None) -> Iterable:
     return track(it, description=label, total=total, transient=True)
 
 
+class TaskRunner:
+    """Runs task functions inline, on a local process pool or on a Dask cluster.
+
+    Use as a context manager; the pool (or the cluster connection) is opened on first use and
+    then serves every :meth:`map` until the ``with`` block ends, so several passes over a
+    cohort pay for starting worker processes once.
+
+    Parameters
+    ----------
+    n_jobs
+        Local worker processes (1 = inline, in this process).
+    scheduler
+        Address of a Dask distributed scheduler (``tcp://host:8786``); when given, the jobs
+        run on that cluster instead of locally.
+    """
+
+    def __init__(self, n_jobs: int = 1, scheduler: str | None = None) -> None:
+        self.n_jobs, self.scheduler = n_jobs, scheduler
+        self._pool: ProcessPoolExecutor | None = None
+        self._client = None
+
+    def __enter__(self) -> TaskRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any], *,
+            progress: str | None = None) -> Iterator[Any]:
+        """Run ``fn`` over ``jobs``; results are yielded as they complete (any order).
+
+        ``fn`` is a picklable top-level function of one job; ``progress`` labels a progress
+        bar (``None`` shows none).
+        """
+        if self.scheduler:
+            yield from self._map_dask(fn, jobs, progress)
+            return
+        if self.n_jobs <= 1 or len(jobs) <= 1:
+            yield from _progress(map(fn, jobs), len(jobs), progress)
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs,
+                                             mp_context=get_context("forkserver"))
+        futures = [self._pool.submit(fn, job) for job in jobs]
+        try:
+            for fut in _progress(as_completed(futures), len(futures), progress):
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def _map_dask(self, fn, jobs, progress: str | None) -> Iterator[Any]:
+        from distributed import as_completed as dask_completed
+
+        if self._client is None:
+            self._client = _dask_client(self.scheduler)
+        client = self._client
+        futures = client.map(fn, list(jobs), pure=False)
+        done = dask_completed(futures, loop=client.loop, with_results=False, raise_errors=True)
+        for fut in _progress(done, len(futures), progress):
+            yield client.gather(fut)
+
+
 def run_tasks(
     fn: Callable[[Any], Any],
     jobs: Sequence[Any],
@@ -32,55 +98,21 @@ def run_tasks(
     scheduler: str | None = None,
     progress: str | None = None,
 ) -> Iterator[Any]:
-    """Run ``fn`` over ``jobs``; results are yielded as they complete (any order).
-
-    Parameters
-    ----------
-    fn
-        A picklable top-level function of one job.
-    jobs
-        The jobs.
-    n_jobs
-        Local worker processes (1 = inline, in this process).
-    scheduler
-        Address of a Dask distributed scheduler (``tcp://host:8786``); when given, the jobs
-        run on that cluster instead of locally.
-    progress
-        Label of a progress bar; ``None`` shows none.
-    """
-    if scheduler:
-        yield from _run_dask(fn, jobs, scheduler, progress)
-        return
-    if n_jobs <= 1 or len(jobs) <= 1:
-        yield from _progress(map(fn, jobs), len(jobs), progress)
-        return
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("forkserver")) as ex:
-        futures = [ex.submit(fn, job) for job in jobs]
-        try:
-            for fut in _progress(as_completed(futures), len(futures), progress):
-                yield fut.result()
-        finally:
-            for fut in futures:
-                fut.cancel()
+    """Run ``fn`` over ``jobs`` once (see :class:`TaskRunner`, which several passes can share);
+    results are yielded as they complete (any order)."""
+    with TaskRunner(n_jobs, scheduler) as runner:
+        yield from runner.map(fn, jobs, progress=progress)
 
 
-def _run_dask(fn, jobs, address: str, progress: str | None) -> Iterator[Any]:
+def _dask_client(address: str):
     try:
         from distributed import Client
-        from distributed import as_completed as dask_completed
     except ImportError:  # pragma: no cover - distributed is a dependency
         raise ConfigError("Scheduling on a Dask cluster needs the 'distributed' package.") from None
     try:
-        client = Client(address, timeout="20s", set_as_default=False)
+        return Client(address, timeout="20s", set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise ConfigError(
             f"Cannot reach the Dask scheduler at {address!r} ({exc}); check the address "
             "(e.g. tcp://host:8786) and that `dask scheduler` is running."
         ) from None
-    try:
-        futures = client.map(fn, list(jobs), pure=False)
-        done = dask_completed(futures, loop=client.loop, with_results=False, raise_errors=True)
-        for fut in _progress(done, len(futures), progress):
-            yield client.gather(fut)
-    finally:
-        client.close()

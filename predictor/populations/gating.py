@@ -815,8 +815,9 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
         )
     thresholds = gating.thresholds_for(batch)
     if cofactors is not None:
+        # Only populations the gating resolves are gated (and need their markers' cofactors).
         thresholds = {pop: {m: float(cofactors[m] * np.sinh(t)) for m, t in thr.items()}
-                      for pop, thr in thresholds.items()}
+                      for pop, thr in thresholds.items() if pop in gating.resolved}
     masks = _gate(gating.resolved, gating.template.populations, _Columns(cells), thresholds,
                   len(cells), live)
     del masks[ROOT]
