@@ -1,8 +1,9 @@
 """Experiment files (TOML) → frozen dataclasses, validated once.
 
 Relative paths in an experiment file are resolved against the file's own folder, so an
-experiment can be run from anywhere. The dataclass defaults are the built-in demo's settings;
-``experiments/il7_demo.toml`` spells them out.
+experiment can be run from anywhere. The dataclass defaults are the built-in demo's settings
+(``experiments/il7_demo.toml`` spells them out), except ``[model] covariates``: empty by default,
+since not every clinical table has an arm; the demo adjusts for ``["arm"]``.
 """
 
 from __future__ import annotations
@@ -140,6 +141,10 @@ class ModelConfig:
     reg_lambda: float = 1.0
     max_features: int = 200  # univariate filter inside each training fold; 0 = keep all
     search: SearchConfig | None = None  # [model.search]: tuned in the inner CV loop
+    # Clinical table columns given to the model as inputs (e.g. ["arm"]): encoded as numbers
+    # (categorical → 0/1 per level), always kept by the feature filter, explained apart from
+    # the cell populations; `predictor score --clinical` supplies them for new patients.
+    covariates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ def _validate(cfg: ExperimentConfig) -> None:
             _fail("[model]", name, "a float in (0, 1]", v)
     if m.search is not None:
         _validate_search(m.search, cfg.outcome.kind)
+    _validate_covariates(m.covariates, cfg.outcome)
     c = cfg.cv
     if c.folds < 2:
         _fail("[cv]", "folds", "an int >= 2", c.folds)
@@ -283,6 +289,21 @@ def _validate(cfg: ExperimentConfig) -> None:
         _fail("[cv]", "bootstrap", "an int >= 0", c.bootstrap)
     if not (c.threshold_rule == "youden" or c.threshold_rule.startswith("sensitivity:")):
         _fail("[cv]", "threshold_rule", "'youden' or 'sensitivity:<0..1>'", c.threshold_rule)
+
+
+def _validate_covariates(covariates: Any, outcome: OutcomeConfig) -> None:
+    must = 'a list of clinical table column names without repeats, e.g. ["arm"]'
+    if not isinstance(covariates, tuple) or not all(
+        isinstance(c, str) and c.strip() and c == c.strip() for c in covariates
+    ):
+        _fail("[model]", "covariates", must, covariates)
+    if len(set(covariates)) != len(covariates):
+        _fail("[model]", "covariates", must, list(covariates))
+    taken = {"patient_id"} | ({"time", "event"} if outcome.kind == "survival" else {outcome.column})
+    clash = [c for c in covariates if c in taken]
+    if clash:
+        _fail("[model]", "covariates", "clinical columns other than patient_id and the outcome",
+              clash)
 
 
 # parameter → (type, check, description): the same ranges as the [model] values

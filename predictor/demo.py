@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from predictor.config import DataConfig, ExperimentConfig, TrackingConfig
+from predictor.config import DataConfig, ExperimentConfig, ModelConfig, TrackingConfig
 from predictor.model.experiment import ExperimentResult, run_experiment
 from predictor.report.html import build_report
 from predictor.score import score_samples, write_table
@@ -60,11 +60,15 @@ def _cohort(root: Path, *, n_patients: int, seed: int, cells: int, prefix: str) 
 
 
 def demo_config(workdir: Path, cohort: SimulatedCohort, *, seed: int = 0) -> ExperimentConfig:
-    """The demo experiment (same settings as ``experiments/il7_demo.toml``)."""
+    """The demo experiment (same settings as ``experiments/il7_demo.toml``).
+
+    The dataclass defaults, adjusted for the treatment arm (``[model] covariates = ["arm"]``).
+    """
     return ExperimentConfig(
         name="il7_demo",
         seed=seed,
         data=DataConfig(samples=cohort.samples, clinical=cohort.clinical, panel=cohort.panel),
+        model=ModelConfig(covariates=("arm",)),
         tracking=TrackingConfig(
             store=workdir / "mlflow.db",
             artifacts=workdir / "mlruns",
@@ -107,7 +111,7 @@ def run_demo(
     out = workdir / "demo" / "outputs" / f"{stamp}-v{exp.bundle.name[1:]}"
     out.mkdir(parents=True, exist_ok=False)
     t0 = time.perf_counter()
-    scores, fs = score_samples(exp.bundle, new.samples, progress=progress)
+    scores, fs = score_samples(exp.bundle, new.samples, progress=progress, clinical=new.clinical)
     scores_path = write_table(scores, out / "scores.csv")
     timings["score"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -9,6 +9,11 @@ Everything here computes; nothing renders (the report lives in :mod:`predictor.r
 :func:`explain_bundle` gathers a bundle's explanations in an :class:`Explanations` result,
 whose ``frame()`` is a tidy table of importance per group with its stability across CV folds.
 
+Clinical covariates among the model's inputs (``[model] covariates``, metadata column
+``covariate``) are not cell populations: the per-population, -marker, -statistic and -contrast
+sums leave them out, and the level ``"covariate"`` groups them per clinical column instead
+(the report shows them as the group "clinical covariates").
+
 Sources, best first:
 
 - ``oof_shap.csv`` in the bundle (index patient_id, one column per feature): out-of-fold SHAP
@@ -30,12 +35,14 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from predictor.covariates import COVARIATE_PREFIX, covariate_mask
 from predictor.features.matrix import FREQUENCY_STATISTICS, META_COLUMNS, STAT_LABELS
 
 if TYPE_CHECKING:
     from predictor.model.bundle import Bundle
 
 __all__ = [
+    "COVARIATE_LEVEL",
     "LEVELS",
     "Explanations",
     "aggregate_shap",
@@ -56,7 +63,9 @@ __all__ = [
 
 #: Grouping levels of :func:`group_labels` (``contrast`` = condition and timepoint together).
 LEVELS = ("population", "marker", "statistic", "condition", "timepoint", "contrast")
-META = tuple(META_COLUMNS)
+#: The level that groups the clinical covariates per clinical column (not one of LEVELS).
+COVARIATE_LEVEL = "covariate"
+META = (*META_COLUMNS, "covariate")
 _STAT_CODE = {label: code for code, label in STAT_LABELS.items()}  # label in names → code
 _STAT_WORDS = {"count": "cell count", "pct_parent": "% of parent", "pct_live": "% of live cells",
                "median": "median level", "frac_pos": "fraction positive"}
@@ -149,6 +158,8 @@ def parse_feature_name(name: str, *, baseline: str | None = None) -> dict[str, s
     The inverse of :func:`predictor.features.matrix.feature_name`: ``Δweek6`` becomes
     ``week6-<baseline>`` when ``baseline`` is given, else stays ``Δweek6``.
     """
+    if str(name).startswith(COVARIATE_PREFIX):  # a clinical covariate: no cytometry metadata
+        return dict.fromkeys(META_COLUMNS, "")
     parts = [p.strip() for p in str(name).split(" | ")]
     if len(parts) < 4:
         return {"population": parts[0], "marker": "", "statistic": "", "condition": "", "timepoint": ""}
@@ -160,21 +171,38 @@ def parse_feature_name(name: str, *, baseline: str | None = None) -> dict[str, s
             "condition": condition, "timepoint": timepoint}
 
 
+def _covariate_column(name: str) -> str:
+    """``clinical: arm = IL-7`` → ``arm``; ``clinical: age`` → ``age``; else ``''``."""
+    if not str(name).startswith(COVARIATE_PREFIX):
+        return ""
+    return str(name)[len(COVARIATE_PREFIX):].split(" = ", 1)[0]
+
+
 def feature_meta(names: Sequence[str], schema: pd.DataFrame | None = None, *,
                  baseline: str | None = None) -> pd.DataFrame:
-    """Metadata (``population, marker, statistic, condition, timepoint``) of every name.
+    """Metadata (``population, marker, statistic, condition, timepoint, covariate``) of every name.
 
     Taken from ``schema`` (a bundle's, index = feature names) where it has the feature, parsed
     from the name otherwise (out-of-fold tables cover features the final model dropped).
+    ``covariate`` names the clinical column of a covariate input, and is empty for cytometry
+    features.
     """
     rows = []
     for n in names:
         if schema is not None and n in schema.index:
             r = schema.loc[n]
-            rows.append({c: ("" if pd.isna(r.get(c)) else str(r.get(c))) for c in META})
+            row = {c: ("" if pd.isna(r.get(c)) else str(r.get(c))) for c in META}
         else:
-            rows.append(parse_feature_name(n, baseline=baseline))
+            row = parse_feature_name(n, baseline=baseline)
+        row["covariate"] = row.get("covariate") or _covariate_column(n)
+        rows.append(row)
     return pd.DataFrame(rows, index=pd.Index(list(names), name="feature"), columns=list(META))
+
+
+def _covariates(meta: pd.DataFrame) -> pd.Series:
+    """True for covariate rows: flagged in the metadata, or named ``clinical: ...``."""
+    named = np.asarray(meta.index.astype(str).str.startswith(COVARIATE_PREFIX), dtype=bool)
+    return pd.Series(covariate_mask(meta).to_numpy() | named, index=meta.index)
 
 
 def _timepoint_label(tp: str) -> str:
@@ -186,10 +214,21 @@ def _condition_label(cond: str) -> str:
 
 
 def group_labels(meta: pd.DataFrame, by: str) -> pd.Series:
-    """The group of every feature at level ``by`` (one of :data:`LEVELS`)."""
-    if by not in LEVELS:
-        raise ValueError(f"The 'by' parameter must be one of {', '.join(LEVELS)}. Got {by!r} instead.")
-    m = meta.fillna("")
+    """The group of every feature at level ``by`` (one of :data:`LEVELS`, or ``"covariate"``).
+
+    Only the features of that kind: the cytometry levels leave clinical covariates out, and
+    ``"covariate"`` (the clinical column of each covariate input) leaves cytometry out.
+    """
+    if by not in (*LEVELS, COVARIATE_LEVEL):
+        raise ValueError(f"The 'by' parameter must be one of {', '.join((*LEVELS, COVARIATE_LEVEL))}. "
+                         f"Got {by!r} instead.")
+    cov = _covariates(meta).to_numpy()
+    if by == COVARIATE_LEVEL:
+        m = meta[cov]
+        col = m["covariate"].fillna("") if "covariate" in m.columns else pd.Series("", index=m.index)
+        names = pd.Series(m.index.astype(str).map(_covariate_column), index=m.index)
+        return col.astype(str).where(col.astype(str) != "", names).rename(COVARIATE_LEVEL)
+    m = meta[~cov].fillna("")
     if by == "contrast":
         cond = m["condition"].astype(str).map(_condition_label)
         tp = m["timepoint"].astype(str).map(_timepoint_label)
@@ -208,10 +247,13 @@ def aggregate_shap(values: pd.DataFrame, meta: pd.DataFrame, *, by: str = "popul
     """Sum SHAP values per group of features (per patient), e.g. per population or marker.
 
     Sums of signed SHAP values are exact (additivity), so a population's value is its total push
-    on the patient's log-odds.
+    on the patient's log-odds. Clinical covariates are summed at ``by="covariate"`` only, so
+    the groups of a cytometry level add up to the patient's SHAP total minus the covariates'.
     """
     groups = group_labels(meta.reindex(values.columns), by)
-    return values.T.groupby(groups.to_numpy()).sum().T
+    if groups.empty:
+        return pd.DataFrame(index=values.index)
+    return values[list(groups.index)].T.groupby(groups.to_numpy()).sum().T
 
 
 def importance(values: pd.DataFrame) -> pd.Series:
@@ -245,8 +287,11 @@ def fold_stability(fold_importance: pd.DataFrame, meta: pd.DataFrame, *, by: str
     ≤ k), ``mean_rank``, ``sd_rank`` (1 = most important; ties share their average rank),
     ``n_folds``.
     """
-    fi = fold_importance.copy()
-    fi["group"] = group_labels(meta.reindex(fi["feature"].astype(str)), by).to_numpy()
+    fi = fold_importance.reset_index(drop=True)
+    fmeta = meta.reindex(fi["feature"].astype(str))
+    inside = ~_covariates(fmeta).to_numpy() if by != COVARIATE_LEVEL else _covariates(fmeta).to_numpy()
+    fi, fmeta = fi[inside].copy(), fmeta[inside]
+    fi["group"] = group_labels(fmeta, by).to_numpy()
     fi["model"] = fi["repeat"].astype(str) + "/" + fi["fold"].astype(str)
     wide = fi.pivot_table(index="model", columns="group", values="mean_abs_shap", aggfunc="sum",
                           fill_value=0.0)
@@ -317,13 +362,23 @@ class Explanations:
         groups = list(group_labels(self.meta, level).unique())
         return fold_stability(self.fold_importance, meta, by=level, k=self.k, groups=groups)
 
+    @property
+    def covariates(self) -> list[str]:
+        """The clinical covariates among the model's inputs (their clinical columns)."""
+        return list(dict.fromkeys(group_labels(self.meta, COVARIATE_LEVEL)))
+
     def frame(self, level: str | None = None) -> pd.DataFrame:
         """Tidy importance table: one row per (level, group), ranked, with fold stability.
 
         Columns: ``level, group, rank, n_features, mean_abs_shap, mean_shap,
         top_k_frequency, mean_rank, sd_rank, n_folds`` (stability NaN without fold data).
+        All of :data:`LEVELS` when ``level`` is None, and ``"covariate"`` too when the model
+        has clinical covariates; they are ranked among themselves, never among populations.
         """
-        levels = LEVELS if level is None else (level,)
+        if level is None:
+            levels = LEVELS + ((COVARIATE_LEVEL,) if self.covariates else ())
+        else:
+            levels = (level,)
         out = []
         for lv in levels:
             sums = self.by(lv)
@@ -474,6 +529,23 @@ def _ordinal(p: float) -> str:
     return f"{n}{suffix}"
 
 
+def _describe_covariate(feature: str, value: float, column: str,
+                        reference: Sequence[float] | np.ndarray | None, tail: str) -> str:
+    """A clinical covariate in words: 'Clinical covariate: arm is IL-7, which raised ...'."""
+    if value != value:
+        return f"Clinical covariate: {column} is missing, {tail}"
+    if " = " in feature:  # a 0/1 input for one level of a categorical column
+        level = feature.split(" = ", 1)[1]
+        return f"Clinical covariate: {column} {'is' if value >= 0.5 else 'is not'} {level}, {tail}"
+    ref = np.asarray(reference if reference is not None else [], dtype=float)
+    ref = ref[np.isfinite(ref)]
+    where = ""
+    if ref.size:
+        pct = float((ref < value).mean() + 0.5 * (ref == value).mean())
+        where = f" ({_ordinal(pct)} percentile of training patients)"
+    return f"Clinical covariate: {column} = {value:.3g}{where}, {tail}"
+
+
 def describe_driver(feature: str, value: float, shap: float, *, meta: Mapping[str, str] | None = None,
                     reference: Sequence[float] | np.ndarray | None = None,
                     outcome: str = "the predicted chance of benefit") -> str:
@@ -487,6 +559,9 @@ def describe_driver(feature: str, value: float, shap: float, *, meta: Mapping[st
     """
     verb = "raised" if shap > 0 else "lowered"
     tail = f"which {verb} {outcome} (SHAP {shap:+.2f})."
+    column = (meta or {}).get("covariate") or _covariate_column(feature)
+    if column:
+        return _describe_covariate(feature, value, str(column), reference, tail)
     if meta is None or not meta.get("population") or not meta.get("statistic"):
         shown = "missing" if value != value else f"{value:.3g}"
         return f"{feature} = {shown} {verb} {outcome} (SHAP {shap:+.2f})"

@@ -2,8 +2,10 @@
 
 The bundle's panel, gating and feature settings are applied unchanged to the new files; the
 booster gives a probability, the bundle's calibration and threshold a calibrated probability
-and a flag, and SHAP values the top drivers of each patient's score. Results are written
-atomically and never overwrite an existing file unless asked to.
+and a flag, and SHAP values the top drivers of each patient's score. A model trained with
+clinical covariates (``[model] covariates``) takes them from the new patients' clinical table,
+encoded as in training. Results are written atomically and never overwrite an existing file
+unless asked to.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from predictor.covariates import read_covariates, with_covariates
 from predictor.errors import OutputExistsError, ScoringError
 from predictor.explain import shap_values, top_drivers
 from predictor.features import FeatureSet, extract_features
@@ -47,8 +50,30 @@ def write_table(df: pd.DataFrame, out: str | os.PathLike, *, force: bool = False
 
 
 def score_features(bundle: Bundle, X: pd.DataFrame, *, n_drivers: int = 3) -> pd.DataFrame:
-    """Score a patient × feature matrix with a bundle (columns matched by name)."""
+    """Score a patient × feature matrix with a bundle (columns matched by name).
+
+    A bundle with clinical covariates needs their encoded columns in ``X`` too (as
+    :func:`score_samples` adds them, or :meth:`CovariateEncoder.transform` of
+    ``bundle.covariates`` gives them), with a value for every patient.
+    """
     schema = bundle.schema
+    covariates = bundle.covariates
+    if covariates is not None:
+        absent = [f for f in covariates.features if f not in X.columns]
+        if absent:
+            raise ScoringError(
+                f"The model {bundle.path} takes the clinical covariate(s) "
+                f"{', '.join(covariates.columns)} as inputs, but the feature matrix lacks "
+                f"{', '.join(absent)}. Score with the new patients' clinical table "
+                "(`predictor score --clinical FILE`)."
+            )
+        blank = X[covariates.features].isna().any(axis=1)
+        if blank.any():
+            raise ScoringError(
+                f"Clinical covariate input(s) {', '.join(covariates.features)} missing for "
+                f"patient(s) {', '.join(map(str, X.index[blank][:5]))}; the model "
+                f"{bundle.path} needs them for every patient."
+            )
     missing = [f for f in bundle.features if f not in X.columns]
     Xm = X.reindex(columns=bundle.features).astype(float)
     dm = xgb.DMatrix(Xm.to_numpy(dtype=np.float32), missing=np.nan, feature_names=bundle.features)
@@ -167,6 +192,7 @@ def score_samples(
     scheduler: str | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = False,
+    clinical: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, FeatureSet]:
     """Score the patients of a sample sheet with a bundle; write ``out`` when given.
 
@@ -190,10 +216,30 @@ def score_samples(
     cache
         Per-sample cache folder. With ``out`` and no cache, a hidden folder beside ``out`` is
         used and removed on success, so an interrupted batch resumes where it stopped.
+    clinical
+        Clinical table of the new patients (CSV with ``patient_id`` and the covariate columns;
+        no outcome needed). Required when the model has clinical covariates, ignored otherwise.
+        Every scored patient needs a row and a value the model knows (a level seen in
+        training, or a number); the error names the file, column and patients otherwise.
+
+    Returns
+    -------
+    scores, features
+        The scores, and the new patients' features (with the encoded covariates, if any).
     """
     if out is not None and Path(out).exists() and not force:
         raise OutputExistsError(f"{out}: exists already; choose another --out or pass --force.")
     bundle = load_bundle(_resolve_model(model, store))
+    covariates = bundle.covariates
+    table = None
+    if covariates is not None:  # checked before the (slow) features
+        if clinical is None:
+            raise ScoringError(
+                f"The model {bundle.path} takes the clinical covariate(s) "
+                f"{', '.join(covariates.columns)} as inputs; pass the new patients' clinical "
+                f"table with --clinical FILE (CSV with patient_id, {', '.join(covariates.columns)})."
+            )
+        table = read_covariates(clinical, covariates.columns)
     fc = bundle.feature_config
     if n_jobs is not None:
         fc = replace(fc, n_jobs=n_jobs)
@@ -204,6 +250,8 @@ def score_samples(
             f"{samples}: no sample with timepoint in {list(fc.timepoints)} and condition in "
             f"{list(fc.conditions)}, which the model {bundle.path} needs."
         )
+    if covariates is not None:
+        covariates.transform(table, sheet["patient_id"].astype(str).unique(), source=clinical)
     gating, panel = bundle.gating, bundle.panel
     missing = check_panel(bundle, sheet)
     notes: list[str] = []
@@ -236,6 +284,8 @@ def score_samples(
         cache = partial
     fs = extract_features(sheet, panel, config=fc, gating=gating, cache=cache,
                           scheduler=scheduler, progress=progress)
+    if covariates is not None:
+        fs = with_covariates(fs, covariates, table, source=clinical)
     scores = score_features(bundle, fs.X)
     for pid, lacking in gaps.items():
         msg = "missing samples: " + ", ".join(f"{t}/{c}" for t, c in lacking)

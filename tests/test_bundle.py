@@ -143,3 +143,20 @@ def test_mismatched_booster_is_not_saved(tmp_path, model_parts) -> None:
     with pytest.raises(BundleError, match="disagree; not saved"):
         save_bundle(tmp_path, "il7", **{**model_parts, "features": X[X.columns[::-1]]})
     assert list((tmp_path / "il7").iterdir()) == []  # no version, no temporary folder
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [{"column": "arm", "kind": "ordinal", "levels": [], "features": ["clinical: arm"]}],
+        [{"column": "arm", "kind": "categorical", "levels": ["a", "b"],
+          "features": ["clinical: arm = a"]}],  # not one of the model's features
+        [{"kind": "numeric", "features": ["clinical: age"]}],
+    ],
+)
+def test_bundle_covariates_are_checked_on_load(tmp_path, model_parts, specs) -> None:
+    assert load_bundle(save_bundle(tmp_path, "il7", **model_parts)).covariates is None  # none stored
+    info = {**model_parts["info"], "covariates": specs}
+    path = save_bundle(tmp_path, "il7", **{**model_parts, "info": info})
+    with pytest.raises(BundleError, match="corrupt bundle"):
+        load_bundle(path)

@@ -65,8 +65,15 @@ def test_score_reproduces_and_refuses_overwrite(demo_twice, capsys):
     work, _, _ = demo_twice
     latest = sorted((work / "demo" / "outputs").iterdir())[-1]
     out = work / "rescored.csv"
+    new = work / "demo" / "new_patients"
     args = ["score", "--model", str(work / "models" / "il7_demo"),
-            "--samples", str(work / "demo" / "new_patients" / "samples.csv"), "--out", str(out)]
+            "--samples", str(new / "samples.csv"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2  # the demo model adjusts for the arm: the new patients' arm is needed
+    err = capsys.readouterr().err
+    assert "--clinical" in err and "arm" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    args += ["--clinical", str(new / "clinical.csv")]
     assert main(args) == 0
     a = pd.read_csv(out).set_index("patient_id")
     b = pd.read_csv(latest / "scores.csv").set_index("patient_id")

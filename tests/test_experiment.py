@@ -118,7 +118,30 @@ def test_shipped_experiments_load() -> None:
         cfg = load_experiment(path)
         assert cfg.name == path.stem
     surv = load_experiment(ROOT / "experiments" / "il7_survival.toml")
-    assert surv.outcome.kind == "survival"
+    assert surv.outcome.kind == "survival" and surv.model.covariates == ()
+    for name in ("il7_demo", "il7_baseline", "il7_tuned"):  # adjusted for the arm
+        assert load_experiment(ROOT / "experiments" / f"{name}.toml").model.covariates == ("arm",)
+
+
+def test_covariates_are_read_and_checked(tmp_path) -> None:
+    cfg = load_experiment(_write(tmp_path, '[model]\ncovariates = ["arm", "age"]\n'))
+    assert cfg.model.covariates == ("arm", "age")
+    assert ExperimentConfig().model.covariates == ()
+    again = load_experiment(_write(tmp_path, cfg.to_toml()))
+    assert again.model.covariates == ("arm", "age")
+    for body, message in [
+        ('covariates = "arm"', r"'covariates' parameter of \[model\] of .* must be a list. Got 'arm'"),
+        ('covariates = ["arm", "arm"]', r"'covariates' parameter of \[model\] must be a list of clinical "
+                                        r"table column names without repeats"),
+        ('covariates = [""]', r"'covariates' parameter of \[model\] must be a list of clinical"),
+        ("covariates = [1]", r"'covariates' parameter of \[model\] must be a list of clinical"),
+        ('covariates = ["response"]', r"must be clinical columns other than patient_id and the outcome. "
+                                      r"Got \['response'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(_write(tmp_path, f"[model]\n{body}\n"))
+    with pytest.raises(ConfigError, match="other than patient_id and the outcome. Got \\['time'\\]"):
+        load_experiment(_write(tmp_path, "[outcome]\nkind = 'survival'\n[model]\ncovariates = ['time']\n"))
 
 
 # ------------------------------------------------------------------------------ end to end

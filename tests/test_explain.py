@@ -73,6 +73,54 @@ def test_aggregate_shap_sums_per_group_exactly() -> None:
     assert by_marker.loc["P1"].to_dict() == {"(frequency)": 0.875, "IFNg": 0.75}
 
 
+def test_covariates_stay_out_of_the_population_and_marker_sums() -> None:
+    values = pd.DataFrame({"a": [0.5, -1.0], "b": [0.25, 2.0], "clinical: arm = IL-7": [1.0, -0.5],
+                           "clinical: age": [0.1, 0.2]}, index=["P1", "P2"])
+    meta = pd.DataFrame(
+        {"population": ["CD8 T", "NK", "", ""], "marker": ["", "IFNg", "", ""],
+         "covariate": ["", "", "arm", "age"]},
+        index=["a", "b", "clinical: arm = IL-7", "clinical: age"],
+    )
+    by_pop = aggregate_shap(values, meta)
+    assert sorted(by_pop.columns) == ["CD8 T", "NK"]  # no "-" or covariate group among populations
+    np.testing.assert_allclose(by_pop.sum(axis=1), values[["a", "b"]].sum(axis=1))
+    assert sorted(aggregate_shap(values, meta, by="marker").columns) == ["(frequency)", "IFNg"]
+    by_cov = aggregate_shap(values, meta, by="covariate")
+    assert by_cov.loc["P1"].to_dict() == {"age": 0.1, "arm": 1.0}
+    # the flag, or the name alone (e.g. metadata parsed from names)
+    parsed = feature_meta(list(values.columns))
+    assert parsed["covariate"].tolist() == ["", "", "arm", "age"]
+    assert parsed.loc["clinical: arm = IL-7", "population"] == ""
+    assert list(group_labels(parsed, "covariate")) == ["arm", "age"]
+    assert list(group_labels(parsed, "population").index) == ["a", "b"]
+    fi = pd.DataFrame({"repeat": 0, "fold": [0, 0, 0, 1, 1, 1], "feature": ["a", "b", "clinical: arm = IL-7"] * 2,
+                       "mean_abs_shap": [0.1, 0.2, 5.0, 0.3, 0.1, 5.0]})
+    st = fold_stability(fi, meta, k=1)
+    assert sorted(st.index) == ["CD8 T", "NK"] and st.loc["NK", "top_k_frequency"] == 0.5
+    assert list(fold_stability(fi, meta, by="covariate", k=1).index) == ["arm"]
+
+
+def test_explanations_rank_covariates_apart(model_parts) -> None:
+    booster, X, meta = model_parts["booster"], model_parts["features"], model_parts["meta"]
+    values, base = shap_values(booster, X)
+    arm = pd.Series(np.tile([0.4, -0.4], len(X) // 2), index=X.index)  # a large covariate effect
+    oof = values.assign(**{"clinical: arm = IL-7": arm})
+    cov_meta = pd.concat([meta.assign(covariate=""), pd.DataFrame(
+        {c: "" for c in meta.columns} | {"covariate": "arm"}, index=["clinical: arm = IL-7"])])
+    ex = explain_model(booster, X, cov_meta, oof_shap=oof, interactions=False)
+    assert ex.covariates == ["arm"]
+    frame = ex.frame()
+    assert set(frame["level"]) == {*LEVELS, "covariate"}
+    pop = frame[frame["level"] == "population"]
+    assert "arm" not in set(pop["group"]) and "-" not in set(pop["group"])
+    assert pop["n_features"].sum() == X.shape[1]  # every cytometry feature, no covariate
+    cov = frame[frame["level"] == "covariate"]
+    assert cov["group"].tolist() == ["arm"] and cov["rank"].tolist() == [1]
+    assert cov["mean_abs_shap"].iloc[0] == pytest.approx(0.4)
+    np.testing.assert_allclose(ex.by("population").sum(axis=1) + ex.by("covariate").sum(axis=1),
+                               oof.sum(axis=1), atol=1e-6)  # additivity over both kinds
+
+
 def test_top_drivers_by_absolute_shap() -> None:
     values = pd.DataFrame(
         {"a": [0.1, 0.0], "b": [-0.9, 0.2], "c": [0.5, -0.2], "d": [0.0, 0.05]}, index=["P1", "P2"]
@@ -193,8 +241,9 @@ def test_feature_meta_prefers_the_schema_and_parses_the_rest(model_parts) -> Non
     meta = model_parts["meta"]
     names = [*meta.index[:2], "NK | TNFa | frac+ | stim | Δweek6"]
     out = feature_meta(names, meta, baseline="baseline")
-    assert out.loc[names[0]].tolist() == meta.loc[names[0]].tolist()
-    assert out.loc[names[2]].tolist() == ["NK", "TNFa", "frac_pos", "stim", "week6-baseline"]
+    assert out.loc[names[0], list(meta.columns)].tolist() == meta.loc[names[0]].tolist()
+    assert out.loc[names[2]].tolist() == ["NK", "TNFa", "frac_pos", "stim", "week6-baseline", ""]
+    assert (out["covariate"] == "").all()  # no clinical covariate among them
 
 
 def test_group_labels_per_contrast_and_unknown_level(model_parts) -> None:
@@ -309,6 +358,11 @@ def test_describe_driver_in_plain_words() -> None:
         "timepoint": "baseline"})
     assert "could not be measured" in missing
     assert describe_driver("feat", 1.0, -0.5) == "feat = 1 lowered the predicted chance of benefit (SHAP -0.50)"
+    arm = describe_driver("clinical: arm = IL-7", 1.0, 0.4, meta={"covariate": "arm", "population": ""})
+    assert arm == "Clinical covariate: arm is IL-7, which raised the predicted chance of benefit (SHAP +0.40)."
+    assert "arm is not IL-7" in describe_driver("clinical: arm = IL-7", 0.0, -0.4)
+    age = describe_driver("clinical: age", 80.0, 0.1, reference=np.arange(50, 90), meta={"covariate": "age"})
+    assert age.startswith("Clinical covariate: age = 80 (76th percentile of training patients), which raised")
 
 
 def test_explanations_plot_is_a_png(model_parts) -> None:

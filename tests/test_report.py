@@ -211,25 +211,43 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     """Recall of the planted driver populations in the population-level SHAP ranking.
 
     truth.json plants 5 driver populations (CD4 T, CD8 T, Monocytes, NK, Treg) among the 20
-    gated ones. Measured with out-of-fold SHAP (default model, 5-fold × 2 CV) on simulated
-    cohorts of 1500 cells per sample:
+    gated ones. Measured with out-of-fold SHAP (default model, 5-fold × 2 CV, seed = cohort
+    seed) on simulated cohorts of 1500 cells per sample, without and with the treatment arm as
+    a clinical covariate (``[model] covariates = ["arm"]``, the demo's setting: the arm is an
+    input that every booster fits first, and it is ranked apart from the populations):
 
-    ==========  =====  ==========  ============  =========================  ===========
-    patients    seeds  recall@5    recall@8      drivers' mean rank (of 20)  AUROC
-    ==========  =====  ==========  ============  =========================  ===========
-    40          0–5    0.2–0.6     0.4–0.8       5.6–8.8                    0.58–0.88
-    60          1–3    0.4         0.4–0.8       6.0–7.6                    0.79–0.83
-    120         1      0.6         0.8           5.4                        0.79
-    chance             0.25        0.40          10.5
-    ==========  =====  ==========  ============  =========================  ===========
+    ========  =====  ==================  ==================  ==================  ===========
+    patients  seed   recall@5            recall@8            drivers' mean rank  AUROC
+                     without → with arm  without → with arm  without → with arm  without → with
+    ========  =====  ==================  ==================  ==================  ===========
+    40        0      0.4 → 0.4           0.4 → 0.8           9.0 → 7.8           0.87 → 0.91
+    40        1      0.4 → 0.4           0.6 → 0.8           7.0 → 5.8           0.81 → 0.86
+    40        2      0.4 → 0.6           0.6 → 0.6           7.0 → 6.8           0.80 → 0.81
+    40        3      0.2 → 0.2           0.6 → 0.6           7.6 → 8.6           0.79 → 0.84
+    40        4      0.4 → 0.8           1.0 → 1.0           5.8 → 3.8           0.63 → 0.63
+    40        5      0.4 → 0.4           0.6 → 0.6           7.4 → 7.0           0.71 → 0.72
+    60        0      0.2 → 0.2           0.4 → 0.6           10.0 → 9.8          0.69 → 0.77
+    60        1      0.2 → 0.2           0.2 → 0.6           10.0 → 8.8          0.77 → 0.78
+    60        2      0.4 → 0.4           0.8 → 0.8           6.0 → 6.6           0.83 → 0.87
+    60        3      0.4 → 0.4           0.6 → 0.6           6.4 → 6.2           0.83 → 0.85
+    120       1      0.6 → 0.6           0.8 → 0.8           5.4 → 5.8           0.78 → 0.80
+    mean of 10 (40, 60)  0.34 → 0.40     0.58 → 0.70         7.6 → 7.1           0.77 → 0.80
+    chance           0.25                0.40                10.5
+    ========  =====  ==================  ==================  ==================  ===========
 
-    Seed 0 with 40 patients (this test) gives recall@5 = 0.4, recall@8 = 0.4, mean rank 8.8.
-    Why not higher: every population IL-7 changes (Ki-67 and CD127 on T cells, γδ T IL-2,
-    CD56bright NK) is a proxy for the arm, which alone predicts response (73% vs 30%), so
-    non-driver IL-7 targets compete with the planted ones; the signal also spreads over parent
-    and child gates (CD4 T → CD4 memory); and 2,000+ features on 40 patients leave room for
-    chance associations. It improves with cohort size. Floors, from the worst run measured:
-    recall@(k+3) ≥ 0.4 and the drivers' mean rank better than chance.
+    Seed 0 with 40 patients (this test) gives, with the arm, recall@5 = 0.4, recall@8 = 0.8 and
+    a mean rank of 7.8. The arm helps recall@8, the mean rank and the AUROC, but recall@5 stays
+    near chance. Why: the arm as a plain input gets no SHAP at all (the trees split on
+    on-treatment IL-7 targets instead, which separate the arms as well and carry more), hence
+    "fitted first". What remains is within the IL-7 arm: every IL-7 effect scales with one
+    per-patient responsiveness, so Ki-67/CD127 on T cells, γδ T IL-2 or CD56bright NK track the
+    planted ΔCD8 T and ΔCD4 T IL-2 drivers (r ≈ 0.5 with the true linear predictor); the CD8 T
+    expansion lowers every other population's % of live cells; and signal spreads over parent
+    and child gates (CD4 T → CD4 memory, Monocytes → Classical mono). Summing SHAP over the
+    lineage tree was not adopted: parents would collect their children's importance whatever
+    the signal, and 4 of the 5 drivers are parents, so recall would rise by construction.
+    Floors, from the worst run measured with the arm: recall@(k+3) ≥ 0.6 and a mean rank better
+    than chance; recall@k has no floor above chance (worst 0.2).
     """
     truth = json.loads(Path(trained.cohort.truth).read_text())
     drivers = _driver_populations(truth)
@@ -237,6 +255,7 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     ex = explain_bundle(trained.bundle, interactions=False)
     table = ex.frame("population").set_index("group")
     ranking = list(table.index)
+    assert ex.covariates == ["arm"] and "arm" not in ranking and len(ranking) == 20  # ranked apart
     recall = {kk: len(set(ranking[:kk]) & set(drivers)) / k for kk in (k, k + 3)}
     n = len(ranking)
     chance = {kk: kk / n for kk in (k, k + 3)}
@@ -246,11 +265,19 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     print(f"recall@{k} = {recall[k]:.2f} (chance {chance[k]:.2f}); "
           f"recall@{k + 3} = {recall[k + 3]:.2f} (chance {chance[k + 3]:.2f}); "
           f"drivers' mean rank {mean_rank:.1f} of {n} (chance {(n + 1) / 2:.1f})")
+    print("clinical covariates:\n" + ex.frame("covariate").round(3).to_string())
     stab = ex.stability("population")
     if stab is not None:
         print("fold stability of the drivers:\n" + stab.reindex(drivers).round(2).to_string())
-    assert recall[k + 3] >= 0.4
+    assert recall[k + 3] >= 0.6
     assert mean_rank < (n + 1) / 2
+
+
+def test_report_shows_the_covariates_apart(report) -> None:
+    text = report.read_text(encoding="utf-8")
+    assert "id='covariates'" in text and "Clinical covariates (adjusted for, not cell subsets)" in text
+    assert "adjusted for arm" in text  # at a glance
+    assert "covariates alone" in text or "covariates only" in text
 
 
 # ------------------------------------------------------------------------------ report tables

@@ -11,8 +11,8 @@ import pytest
 import xgboost as xgb
 
 import predictor.features.cohort as cohort
-from predictor.config import CVConfig, DataConfig, ExperimentConfig, TrackingConfig
-from predictor.errors import BundleError, ScoringError
+from predictor.config import CVConfig, DataConfig, ExperimentConfig, ModelConfig, TrackingConfig
+from predictor.errors import BundleError, ClinicalError, ScoringError
 from predictor.io.fcs import read_fcs, write_fcs
 from predictor.model.bundle import load_bundle
 from predictor.model.experiment import run_experiment
@@ -153,3 +153,96 @@ def test_score_refuses_bundle_from_nowhere(tmp_path, trained):
     _, c, _ = trained
     with pytest.raises(BundleError):
         score_samples(tmp_path / "nothing", c.samples)
+
+
+# ------------------------------------------------------------------------------ clinical covariates
+
+
+@pytest.fixture(scope="module")
+def trained_arm(trained):
+    """The same cohort, adjusted for the arm ([model] covariates = ["arm"])."""
+    root, c, _ = trained
+    cfg = ExperimentConfig(
+        name="scorearm",
+        data=DataConfig(samples=c.samples, clinical=c.clinical, panel=c.panel),
+        model=ModelConfig(covariates=("arm",)),
+        cv=CVConfig(folds=3, repeats=1, permutations=5, bootstrap=50),
+        tracking=TrackingConfig(store=root / "mlflow.db", artifacts=root / "mlruns",
+                                models=root / "models", experiment="scoretest"),
+    )
+    return root, c, run_experiment(cfg)
+
+
+def test_scoring_with_covariates_reproduces_final_model(trained_arm, tmp_path):
+    from predictor.explain import explain_bundle
+
+    root, c, res = trained_arm
+    bundle = load_bundle(res.bundle)
+    name = "clinical: arm = IL-7"
+    assert bundle.covariates.features == [name] and bundle.covariates.columns == ("arm",)
+    assert bundle.meta["covariates"] == [{"column": "arm", "kind": "categorical",
+                                          "levels": ["IL-7", "observation"], "features": [name]}]
+    assert name in bundle.features and bundle.schema.loc[name, "covariate"] == "arm"
+    assert (bundle.schema.drop(index=name)["covariate"] == "").all()
+    scores, fs = score_samples(res.bundle, c.samples, clinical=c.clinical, n_jobs=1)
+    train = bundle.train_features()
+    expected = bundle.booster.predict(xgb.DMatrix(train.to_numpy(np.float32), missing=np.nan,
+                                                  feature_names=bundle.features))
+    got = scores.set_index("patient_id").loc[train.index, "probability_uncalibrated"].to_numpy()
+    np.testing.assert_array_equal(got.astype(np.float32), expected)
+    arm = pd.read_csv(c.clinical, dtype={"patient_id": str}).set_index("patient_id")["arm"]
+    assert fs.X[name].tolist() == (arm.reindex(fs.X.index) == "IL-7").astype(float).tolist()
+    assert fs.meta.loc[name, "covariate"] == "arm"
+    # new patients need no outcome: patient_id and the covariate are enough
+    only = tmp_path / "arm.csv"
+    pd.read_csv(c.clinical)[["patient_id", "arm"]].to_csv(only, index=False)
+    again, _ = score_samples(res.bundle, c.samples, clinical=only, n_jobs=1)
+    pd.testing.assert_frame_equal(again, scores)
+    # the arm is explained apart from the cell populations
+    ex = explain_bundle(bundle, interactions=False)
+    assert ex.covariates == ["arm"]
+    pops = ex.frame("population")["group"]
+    assert "arm" not in set(pops) and "-" not in set(pops) and "clinical covariates" not in set(pops)
+    assert ex.frame("covariate")["group"].tolist() == ["arm"]
+    m = bundle.metrics()
+    assert m["covariates"] == [name] and "covariates_only" in m["baselines"]
+
+
+def test_missing_or_unknown_covariates_are_named(trained_arm, tmp_path, capsys):
+    from predictor.cli import main
+
+    root, c, res = trained_arm
+    out = tmp_path / "s.csv"
+    with pytest.raises(ScoringError, match=r"clinical covariate\(s\) arm as inputs; pass .*--clinical FILE"):
+        score_samples(res.bundle, c.samples, out)
+    capsys.readouterr()
+    assert main(["score", "--model", str(res.bundle), "--samples", str(c.samples), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--clinical" in err and "arm" in err
+    clinical = pd.read_csv(c.clinical)
+    first = clinical["patient_id"].iloc[0]
+    cases = {
+        "absent.csv": (clinical.iloc[1:], rf"absent.csv: no row for patient\(s\) {first}"),
+        "unknown.csv": (clinical.assign(arm=clinical["arm"].where(clinical.index != 0, "placebo")),
+                        rf"unknown.csv, column 'arm': 'placebo' \(patient {first}\) is not a level"),
+        "blank.csv": (clinical.assign(arm=clinical["arm"].where(clinical.index != 0, "")),
+                      rf"blank.csv, column 'arm': no value for patient\(s\) {first}"),
+        "noarm.csv": (clinical.drop(columns="arm"), r"noarm.csv: .*'arm'"),
+    }
+    for fname, (table, message) in cases.items():
+        table.to_csv(tmp_path / fname, index=False)
+        with pytest.raises(ClinicalError, match=message):
+            score_samples(res.bundle, c.samples, out, clinical=tmp_path / fname)
+        assert main(["score", "--model", str(res.bundle), "--samples", str(c.samples), "--out", str(out),
+                     "--clinical", str(tmp_path / fname)]) == 2
+    assert not out.exists()
+    # a matrix without the covariate's column cannot be scored silently
+    from predictor.score import score_features
+
+    bundle = load_bundle(res.bundle)
+    with pytest.raises(ScoringError, match="lacks clinical: arm = IL-7"):
+        score_features(bundle, bundle.train_features().drop(columns="clinical: arm = IL-7"))
+    # a model without covariates ignores --clinical
+    plain, _ = score_samples(trained_arm[2].bundle.parent.parent / "scoretest", c.samples,
+                             clinical=tmp_path / "noarm.csv", n_jobs=1)
+    assert len(plain) == 20

@@ -187,9 +187,9 @@ def test_feature_filter_sees_training_patients_only(monkeypatch) -> None:
     seen: list[frozenset] = []
     original = train_mod.select_features
 
-    def spy(Xa, ya, k):
+    def spy(Xa, ya, k, **kw):
         seen.append(frozenset(Xa[:, 0].astype(int).tolist()))
-        return original(Xa, ya, k)
+        return original(Xa, ya, k, **kw)
 
     monkeypatch.setattr(train_mod, "select_features", spy)
     cv = CVConfig(folds=3, repeats=2, permutations=0, bootstrap=0)
@@ -555,9 +555,9 @@ def test_inner_loop_sees_outer_training_patients_only(monkeypatch) -> None:
     seen: list[frozenset] = []
     original = train_mod.rank_features
 
-    def spy(Xa, out):
+    def spy(Xa, out, **kw):
         seen.append(frozenset(Xa[:, 0].astype(int).tolist()))
-        return original(Xa, out)
+        return original(Xa, out, **kw)
 
     monkeypatch.setattr(train_mod, "rank_features", spy)
     cv = CVConfig(folds=3, repeats=1, permutations=0, bootstrap=0)
@@ -616,3 +616,83 @@ def test_survival_tuning_uses_the_cindex() -> None:
     assert r.tuning["metric"] == "cindex" and "inner_cindex" in r.fold_metrics
     assert set(r.fold_metrics["max_depth"]) <= {1, 3}
     assert r.metrics["cindex"]["estimate"] > 0.6
+
+
+# ------------------------------------------------------------------------------ covariates
+
+
+def _with_arm(seed: int, n: int = 48, p: int = 40) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """An arm that shifts the response, a perfect (noisier) proxy of the arm among the features,
+    and f05, which predicts the response within the arms."""
+    rng = np.random.default_rng(seed)
+    arm = rng.permutation(np.r_[np.zeros(n // 2), np.ones(n - n // 2)])
+    x = rng.normal(size=(n, p))
+    x[:, 1] = 3.0 * arm + rng.normal(0, 0.3, n)  # separates the arms, like an IL-7 target
+    lp = 2.0 * (arm - 0.5) + 1.5 * x[:, 5]
+    y = (lp + rng.logistic(size=n) * 0.5 > 0).astype(int)
+    ids = pd.Index([f"P{i:02d}" for i in range(n)], name="patient_id")
+    X = pd.DataFrame(x, columns=[f"f{j:02d}" for j in range(p)], index=ids)
+    X["clinical: arm = IL-7"] = arm
+    strata = pd.Series(arm.astype(int).astype(str), index=ids)
+    return X, pd.Series(y, index=ids), strata
+
+
+def test_select_features_always_keeps_the_covariates() -> None:
+    X, y = planted(1, 2.0, n=40, p=30)
+    Xa = X.to_numpy()
+    keep = np.array([20, 7])
+    assert select_features(Xa, y.to_numpy(), 2, keep=keep).tolist() == sorted({3, 29, 7, 20})
+    assert select_features(Xa, y.to_numpy(), 0, keep=keep).tolist() == list(range(30))
+    assert select_features(Xa, y.to_numpy(), 28, keep=keep).tolist() == list(range(30))
+    order = train_mod.rank_features(Xa, y.to_numpy(), keep=keep)
+    assert order[:2].tolist() == [7, 20] and sorted(order.tolist()) == list(range(30))
+
+
+def test_permutation_within_strata_keeps_each_stratum_s_outcomes() -> None:
+    y = np.array([1, 1, 0, 0, 0, 1, 1, 1, 0, 0])
+    strata = np.array(["a"] * 4 + ["b"] * 6)
+    out = Outcome("binary", y)
+    for seed in range(5):
+        py = out.permuted(seed, strata).y
+        assert sorted(py[:4]) == sorted(y[:4]) and sorted(py[4:]) == sorted(y[4:])
+    assert any(not np.array_equal(out.permuted(s, strata).y, y) for s in range(5))
+
+
+def test_train_model_with_a_covariate() -> None:
+    X, y, strata = _with_arm(0)
+    cov = ["clinical: arm = IL-7"]
+    cv = CVConfig(folds=4, repeats=1, permutations=6, bootstrap=50)
+    r = train_model(X, y, model=replace(FAST, max_features=3), cv=cv, random_state=0, n_jobs=1,
+                    covariates=cov, strata=strata)
+    assert r.covariates == cov
+    assert cov[0] in r.features and len(r.features) == 4  # top 3 + the covariate
+    fi = r.fold_importance
+    assert fi.groupby(["repeat", "fold"])["feature"].apply(lambda f: cov[0] in set(f)).all()
+    # fitted first: the arm's own trees start every booster, so the arm gets the arm effect
+    # (without them the trees would split on the proxy f01 instead)
+    assert r.booster.num_boosted_rounds() == FAST.n_estimators + train_mod.COVARIATE_ROUNDS
+    shap = r.oof_shap.drop(columns="base_value").abs().mean()
+    assert shap[cov[0]] > shap["f01"]
+    assert "covariates_only" in r.baselines and "covariates_only" in r.oof
+    assert set(r.frame()["model"]) == {"xgboost", "elastic_net", "best_single_feature", "covariates_only"}
+    assert cov[0] not in r.single_feature_choices  # the best single feature is a feature
+    perm = r.permutation
+    assert perm["within_strata"] and "given the covariates" in perm["tests"]
+    plain = train_model(X, y, model=replace(FAST, max_features=3), cv=cv, random_state=0, n_jobs=1)
+    assert plain.permutation["within_strata"] is False and not plain.covariates
+    assert plain.booster.num_boosted_rounds() == FAST.n_estimators
+    with pytest.raises(ValueError, match="'covariates' parameter of train_model"):
+        train_model(X, y, model=FAST, cv=cv, covariates=["nope"], n_jobs=1)
+
+
+def test_covariates_with_tuning_and_survival() -> None:
+    X, y, strata = _with_arm(1, n=45)
+    cov = ["clinical: arm = IL-7"]
+    cv = CVConfig(folds=3, repeats=1, permutations=0, bootstrap=0)
+    tuned = train_model(X, y, model=replace(FAST, search=SearchConfig(max_features=(2, 5), inner_folds=3)),
+                        cv=cv, n_jobs=1, covariates=cov)
+    assert cov[0] in tuned.features and len(tuned.features) in (3, 6)
+    Xs, ys = planted_survival(2, 1.0, n=45, p=20)
+    Xs["clinical: arm = IL-7"] = X["clinical: arm = IL-7"].to_numpy()
+    surv = train_model(Xs, ys, outcome="survival", model=FAST, cv=cv, n_jobs=1, covariates=cov)
+    assert cov[0] in surv.features and "covariates_only" in surv.baselines

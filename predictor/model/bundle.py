@@ -2,7 +2,8 @@
 
 Layout of ``models/<name>/vNNN/``::
 
-    bundle.json          name, version, threshold, calibration, metrics, MLflow run, versions
+    bundle.json          name, version, threshold, calibration, metrics, MLflow run, versions,
+                         and the clinical covariates' encoding (``covariates``; [] without)
     model.json           the XGBoost booster in XGBoost's own JSON format
     schema.json          the model's features in order, their metadata and training ranges
     gating.json          the frozen gating (template + thresholds)
@@ -36,6 +37,7 @@ import pandas as pd
 import xgboost as xgb
 
 from predictor.config import FeatureConfig
+from predictor.covariates import CovariateEncoder
 from predictor.errors import BundleError, GatingError
 from predictor.io.panel import Panel, read_panel
 from predictor.populations import Clustering, populations_from_dict
@@ -60,6 +62,12 @@ class Bundle:
     @property
     def features(self) -> list[str]:
         return list(self.schema.index)
+
+    @property
+    def covariates(self) -> CovariateEncoder | None:
+        """How the model's clinical covariates are encoded (None when it has none)."""
+        specs = self.meta.get("covariates") or []
+        return CovariateEncoder.from_dict(specs) if specs else None
 
     @property
     def threshold(self) -> float:
@@ -213,8 +221,11 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         feature_config = FeatureConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in fc.items()}
         )
+        covariates = CovariateEncoder.from_dict(meta.get("covariates") or [])
+        if not set(covariates.features) <= set(schema.index):
+            raise KeyError(f"covariate inputs {covariates.features} missing from schema.json")
     except (
-        json.JSONDecodeError, KeyError, TypeError, AttributeError, GatingError,
+        json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, GatingError,
         xgb.core.XGBoostError,
     ) as exc:
         raise BundleError(f"{path}: corrupt bundle ({exc}).") from None

@@ -25,6 +25,7 @@ import pandas as pd
 
 import predictor
 from predictor.config import ExperimentConfig
+from predictor.covariates import CovariateEncoder, with_covariates
 from predictor.features import FeatureSet, extract_features
 from predictor.io.clinical import read_clinical
 from predictor.io.panel import read_panel
@@ -38,6 +39,9 @@ __all__ = ["ExperimentResult", "run_experiment", "load_experiment_data", "hash_f
 
 @dataclass
 class ExperimentResult:
+    """One experiment's outputs. ``features`` holds the model inputs: the cytometry features
+    and, with ``[model] covariates``, the encoded clinical covariates (see ``covariates``)."""
+
     config: ExperimentConfig
     features: FeatureSet
     training: TrainingResult
@@ -46,6 +50,7 @@ class ExperimentResult:
     bundle: Path
     model: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    covariates: CovariateEncoder | None = None
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -93,7 +98,7 @@ def _flat_metrics(result: TrainingResult, n_patients: int, n_features: int,
     flat["permutation_null_mean"] = perm["null_mean"]
     flat["threshold"] = result.threshold
     flat["n_patients"] = n_patients
-    flat["n_features"] = n_features
+    flat["n_features"] = n_features - len(result.covariates)
     if result.kind == "binary":
         flat["n_responders"] = int(result.oof["y"].sum())
     else:
@@ -130,7 +135,8 @@ def _payload(result: TrainingResult, fs: FeatureSet, timings: dict[str, float]) 
         },
         "timings": timings,
         "n_patients": len(fs.X),
-        "n_features_total": int(fs.X.shape[1]),
+        "n_features_total": int(fs.X.shape[1]) - len(result.covariates),
+        "covariates": list(result.covariates),
     }
     if result.calibration:
         payload["calibration"] = result.calibration
@@ -215,6 +221,11 @@ def run_experiment(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     panel, samples, clinical = load_experiment_data(cfg)
+    encoder = None
+    if cfg.model.covariates:  # checked before the (slow) features: columns, values, levels
+        patients = pd.Index(samples["patient_id"].astype(str).unique())
+        encoder = CovariateEncoder(cfg.model.covariates).fit(clinical.reindex(patients),
+                                                             source=cfg.data.clinical)
     timings["validate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -223,13 +234,20 @@ def run_experiment(
         random_state=cfg.seed, cache=feature_cache,
     )
     timings["features"] = time.perf_counter() - t0
+    covariates: list[str] = []
+    strata = None
+    if encoder is not None:
+        fs = with_covariates(fs, encoder, clinical, source=cfg.data.clinical)
+        covariates = encoder.features
+        strata = encoder.strata(fs.X)
 
     t0 = time.perf_counter()
     y = _outcome(cfg, clinical, fs.X.index)
     columns = "'time', 'event'" if cfg.outcome.kind == "survival" else f"'{cfg.outcome.column}'"
     result = train_model(fs.X, y, model=cfg.model, cv=cfg.cv, outcome=cfg.outcome.kind,
                          random_state=cfg.seed, n_jobs=n_jobs,
-                         where=f"{cfg.data.clinical}, column {columns}")
+                         where=f"{cfg.data.clinical}, column {columns}",
+                         covariates=covariates, strata=strata)
     timings["training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -254,6 +272,7 @@ def run_experiment(
                 "outcome_kind": cfg.outcome.kind,
                 "tuned": str(bool(searched)).lower(),
                 "permutation_procedure": result.permutation["procedure"],
+                "covariates": ", ".join(cfg.model.covariates),
             }
         )
         run.folds(result.fold_metrics, params=searched)
@@ -299,6 +318,7 @@ def run_experiment(
                 "headline": dict(result.metrics),
                 "permutation_p": result.permutation["p_value"],
                 "predictor_version": predictor.__version__,
+                "covariates": encoder.to_dict() if encoder is not None else [],
             },
             oof=result.oof,
             metrics=_payload(result, fs, all_timings),
@@ -322,5 +342,5 @@ def run_experiment(
             run.tags({"artifact_problems": "; ".join(problems)[:5000]})
         timings["tracking"] = time.perf_counter() - t0
         return ExperimentResult(
-            cfg, fs, result, run.run_id, run.experiment_id, bundle, model_info, timings
+            cfg, fs, result, run.run_id, run.experiment_id, bundle, model_info, timings, encoder
         )

@@ -10,15 +10,28 @@
   the same inner procedure on all patients. The outer test patients never inform a choice.
 - Feature filtering (top-k univariate AUROC or C-index) happens inside every training set it
   serves: outer training folds, inner training folds, all patients for the final model.
+- Clinical covariates (``covariates``, e.g. the treatment arm) are model inputs that the filter
+  always keeps (top-k of the other columns plus every covariate), and the covariates are fitted
+  first: every booster starts with ``COVARIATE_ROUNDS`` trees that may split on the covariates
+  only, then grows ``n_estimators`` trees on all its inputs. This is boosting from a
+  covariate-only model (an offset), the way a trial analysis adjusts for the arm: the
+  cytometry features explain what the covariates do not. Without it the trees ignore the arm
+  whenever on-treatment features separate the arms as well (every IL-7 target does) and carry
+  more.
 - Permutation test: the first repeat's CV rerun on permuted outcomes (folds re-stratified on
   each); p = (1 + #null ≥ observed) / (1 + permutations). Without a grid the statistic is the
   headline's repeat 0. With a grid, ``permutation_test = "fixed"`` (default) reruns the CV of
   the ``[model]`` settings without tuning on the real and the permuted outcomes — a valid test
   that the outcome is unrelated to the features, but not of the tuned procedure's own AUROC;
   ``"nested"`` reruns the whole nested procedure, inner tuning included, on every permutation.
-  The payload's ``procedure`` and ``tests`` say which.
+  The payload's ``procedure`` and ``tests`` say which. With ``strata`` (the levels of the
+  discrete covariates) the outcome is permuted within each stratum only: a conditional test
+  of H0 "the outcome is independent of the features given the covariates", so that a covariate
+  that predicts the outcome on its own (the arm) does not make the p-value small by itself.
 - Baselines on the very same folds: elastic-net logistic regression (Citrus-style, binary only)
-  and the best single feature chosen inside each training fold.
+  and the best single feature chosen inside each training fold (covariates excluded); with
+  covariates also ``covariates_only``: the covariates' own trees alone (the start of every
+  booster), which shows what the features add to them.
 - Out-of-fold SHAP: each test patient's SHAP values (margin scale: log-odds, or log hazard
   ratio) from its fold's booster on the full feature space (features not selected in that fold
   are 0), averaged over repeats; and per fold the mean |SHAP| ranking of the selected features.
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -79,6 +93,9 @@ __all__ = [
 
 Fold = tuple[int, int, np.ndarray, np.ndarray]  # repeat, fold, train idx, test idx
 KINDS = ("binary", "survival")
+#: Trees fitted on the covariates alone before the others (learning rate COVARIATE_ETA, depth 2).
+COVARIATE_ROUNDS = 20
+COVARIATE_ETA = 0.5
 
 
 # ------------------------------------------------------------------------------ outcomes
@@ -102,9 +119,19 @@ class Outcome:
     def take(self, idx: np.ndarray) -> Outcome:
         return Outcome(self.kind, self.y[idx], None if self.time is None else self.time[idx])
 
-    def permuted(self, seed: int) -> Outcome:
-        """Outcomes shuffled between patients (time and event move together)."""
-        return self.take(np.random.default_rng(seed).permutation(len(self.y)))
+    def permuted(self, seed: int, strata: np.ndarray | None = None) -> Outcome:
+        """Outcomes shuffled between patients (time and event move together).
+
+        With ``strata`` (one label per patient) only within patients of the same label.
+        """
+        rng = np.random.default_rng(seed)
+        if strata is None:
+            return self.take(rng.permutation(len(self.y)))
+        order = np.arange(len(self.y))
+        for label in np.unique(strata):
+            members = np.flatnonzero(strata == label)
+            order[members] = members[rng.permutation(members.size)]
+        return self.take(order)
 
     def label(self) -> np.ndarray:
         """XGBoost's label: 0/1, or survival time negated for censored patients."""
@@ -229,26 +256,36 @@ def univariate_auroc(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (ranks[pos].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def rank_features(X: np.ndarray, y: np.ndarray | Outcome) -> np.ndarray:
-    """Column indices, strongest univariate association first (|AUROC − ½| or |C − ½|)."""
-    return np.argsort(-_as_outcome(y).univariate(X), kind="stable")
+def rank_features(X: np.ndarray, y: np.ndarray | Outcome, *, keep: np.ndarray | None = None) -> np.ndarray:
+    """Column indices, strongest univariate association first (|AUROC − ½| or |C − ½|).
 
-
-def _top(order: np.ndarray, k: int) -> np.ndarray:
-    if k <= 0 or k >= order.size:
-        return np.arange(order.size)
-    return np.sort(order[:k])
-
-
-def select_features(X: np.ndarray, y: np.ndarray | Outcome, k: int) -> np.ndarray:
-    """Indices of the ``k`` columns most associated with the outcome (sorted; all if k ≤ 0).
-
-    Always called on training patients only: outer or inner training folds, or all patients
-    for the final model.
+    ``keep`` (column indices, e.g. clinical covariates) come first of all, in column order.
     """
-    if k <= 0 or k >= X.shape[1]:
+    order = np.argsort(-_as_outcome(y).univariate(X), kind="stable")
+    if keep is None or not len(keep):
+        return order
+    keep = np.sort(np.asarray(keep, dtype=int))
+    return np.concatenate([keep, order[~np.isin(order, keep)]])
+
+
+def _top(order: np.ndarray, k: int, n_keep: int = 0) -> np.ndarray:
+    """The first ``k`` ranked columns after the ``n_keep`` kept ones (sorted; all if k ≤ 0)."""
+    if k <= 0 or k + n_keep >= order.size:
+        return np.arange(order.size)
+    return np.sort(order[: k + n_keep])
+
+
+def select_features(X: np.ndarray, y: np.ndarray | Outcome, k: int, *,
+                    keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` columns most associated with the outcome, plus every ``keep`` column.
+
+    Sorted; all columns if k ≤ 0. Always called on training patients only: outer or inner
+    training folds, or all patients for the final model.
+    """
+    n_keep = 0 if keep is None else len(keep)
+    if k <= 0 or k + n_keep >= X.shape[1]:
         return np.arange(X.shape[1])
-    return _top(rank_features(X, y), k)
+    return _top(rank_features(X, y, keep=keep), k, n_keep)
 
 
 def _dmatrix(X: np.ndarray, label: np.ndarray | None = None) -> xgb.DMatrix:
@@ -257,9 +294,36 @@ def _dmatrix(X: np.ndarray, label: np.ndarray | None = None) -> xgb.DMatrix:
     return xgb.DMatrix(X, label=label, missing=np.nan, nthread=1)
 
 
-def _fit(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int, nthread: int = 1) -> xgb.Booster:
+def _covariate_start(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int,
+                     pos: np.ndarray | None, nthread: int = 1) -> xgb.Booster | None:
+    """The covariates' own trees: ``COVARIATE_ROUNDS`` rounds that see only the columns ``pos``.
+
+    The other columns are hidden as missing values, so no tree can split on them; boosting
+    then continues from this model on all columns. ``None`` without covariates. Its settings
+    are fixed (depth 2, learning rate ``COVARIATE_ETA``, no subsampling, the ``[model]``
+    regularisation), so a tuning grid does not change it.
+    """
+    if pos is None or not len(pos):
+        return None
+    masked = np.full_like(X, np.nan)
+    masked[:, pos] = X[:, pos]
+    params = {**xgb_params(cfg, seed, nthread=nthread, kind=out.kind), "eta": COVARIATE_ETA,
+              "max_depth": 2, "subsample": 1.0, "colsample_bytree": 1.0}
+    return xgb.train(params, _dmatrix(masked, out.label()), num_boost_round=COVARIATE_ROUNDS)
+
+
+def _fit(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int, nthread: int = 1,
+         pos: np.ndarray | None = None) -> xgb.Booster:
+    """XGBoost on (X, out); with covariate columns ``pos`` it starts from their own trees."""
     params = xgb_params(cfg, seed, nthread=nthread, kind=out.kind)
-    return xgb.train(params, _dmatrix(X, out.label()), num_boost_round=cfg.n_estimators)
+    start = _covariate_start(X, out, cfg, seed, pos, nthread)
+    return xgb.train(params, _dmatrix(X, out.label()), num_boost_round=cfg.n_estimators,
+                     xgb_model=start)
+
+
+def _positions(cols: np.ndarray, keep: np.ndarray | None) -> np.ndarray | None:
+    """Where the ``keep`` columns sit among the selected ``cols``."""
+    return None if keep is None else np.flatnonzero(np.isin(cols, keep))
 
 
 def calibrate(p: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -291,12 +355,14 @@ def _settings(cfg: ModelConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ inner loop
 
 
-def _tune(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int) -> tuple[dict[str, Any], float, pd.DataFrame]:
+def _tune(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int,
+          keep: np.ndarray | None = None) -> tuple[dict[str, Any], float, pd.DataFrame]:
     """Pick the setting of ``cfg.search`` with the best pooled inner-CV score on (X, out).
 
     Every setting sharing all but ``n_estimators`` is one fit with the most trees, read at each
     ``n_estimators`` by ``iteration_range`` (the first trees do not depend on later ones).
-    Features are ranked once per inner training fold and cut at each ``max_features``.
+    Features are ranked once per inner training fold and cut at each ``max_features`` (the
+    ``keep`` columns always stay, and their own trees come first, as in :func:`_fit`).
     Returns the chosen setting, its inner score and the table of all settings' scores.
     """
     s = cfg.search
@@ -314,20 +380,22 @@ def _tune(X: np.ndarray, out: Outcome, cfg: ModelConfig, seed: int) -> tuple[dic
     inner = make_folds(out.y, np.arange(n), CVConfig(folds=s.inner_folds, repeats=1), seed)
     for _, _, itr, ite in inner:
         sub = out.take(itr)
-        order = rank_features(X[itr], sub)
-        mats: dict[int, tuple[xgb.DMatrix, xgb.DMatrix]] = {}
+        order = rank_features(X[itr], sub, keep=keep)
+        mats: dict[int, tuple[xgb.DMatrix, xgb.DMatrix, xgb.Booster | None]] = {}
         for fit_key, idxs in groups.items():
             st = dict(fit_key)
             k = st["max_features"]
             if k not in mats:
-                cols = _top(order, k)
-                mats[k] = (_dmatrix(X[itr][:, cols], sub.label()), _dmatrix(X[ite][:, cols]))
-            dtr, dte = mats[k]
+                cols = _top(order, k, 0 if keep is None else len(keep))
+                start = _covariate_start(X[itr][:, cols], sub, cfg, seed, _positions(cols, keep))
+                mats[k] = (_dmatrix(X[itr][:, cols], sub.label()), _dmatrix(X[ite][:, cols]), start)
+            dtr, dte, start = mats[k]
+            first = 0 if start is None else start.num_boosted_rounds()
             rounds = max(settings[i]["n_estimators"] for i in idxs)
             params = xgb_params(replace(cfg, **st), seed, kind=out.kind)
-            booster = xgb.train(params, dtr, num_boost_round=rounds)
+            booster = xgb.train(params, dtr, num_boost_round=rounds, xgb_model=start)
             for i in idxs:
-                it = (0, settings[i]["n_estimators"])
+                it = (0, first + settings[i]["n_estimators"])
                 p = booster.predict(dte, iteration_range=it, output_margin=margin)
                 if margin:
                     p = p - np.median(booster.predict(dtr, iteration_range=it, output_margin=True))
@@ -365,17 +433,17 @@ class _FoldFit:
 
 def _fit_fold(
     X: np.ndarray, out: Outcome, tr: np.ndarray, te: np.ndarray, cfg: ModelConfig, seed: int,
-    *, tune: bool, shap: bool,
+    *, tune: bool, shap: bool, keep: np.ndarray | None = None,
 ) -> _FoldFit:
     sub = out.take(tr)
     chosen: dict[str, Any] = {}
     inner = float("nan")
     fold_cfg = cfg
     if tune:
-        chosen, inner, _ = _tune(X[tr], sub, cfg, seed)
+        chosen, inner, _ = _tune(X[tr], sub, cfg, seed, keep)
         fold_cfg = replace(cfg, **chosen)
-    cols = select_features(X[tr], sub, fold_cfg.max_features)
-    booster = _fit(X[tr][:, cols], sub, fold_cfg, seed)
+    cols = select_features(X[tr], sub, fold_cfg.max_features, keep=keep)
+    booster = _fit(X[tr][:, cols], sub, fold_cfg, seed, pos=_positions(cols, keep))
     dte = _dmatrix(X[te][:, cols])
     if out.kind == "binary":
         pred = booster.predict(dte)
@@ -388,15 +456,15 @@ def _fit_fold(
 
 def _cv_predict(
     X: np.ndarray, out: Outcome, folds: list[Fold], cfg: ModelConfig, seed: int,
-    *, tune: bool, shap: bool = False, n_jobs: int = 1,
+    *, tune: bool, shap: bool = False, n_jobs: int = 1, keep: np.ndarray | None = None,
 ) -> list[_FoldFit]:
     """One fit per outer fold (tuned in the inner loop when ``tune``), seed + 1000·r + k."""
     args = [(X, out, tr, te, cfg, seed + 1000 * r + k) for r, k, tr, te in folds]
     if tune and n_jobs > 1 and len(folds) > 1:
         return list(Parallel(n_jobs=min(n_jobs, len(folds)))(
-            delayed(_fit_fold)(*a, tune=tune, shap=shap) for a in args
+            delayed(_fit_fold)(*a, tune=tune, shap=shap, keep=keep) for a in args
         ))
-    return [_fit_fold(*a, tune=tune, shap=shap) for a in args]
+    return [_fit_fold(*a, tune=tune, shap=shap, keep=keep) for a in args]
 
 
 def _oof(fits: list[_FoldFit], folds: list[Fold], n: int) -> np.ndarray:
@@ -408,19 +476,20 @@ def _oof(fits: list[_FoldFit], folds: list[Fold], n: int) -> np.ndarray:
     return out
 
 
-def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune) -> list[float]:
+def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune, keep=None, strata=None) -> list[float]:
     """Null statistics: the first repeat's CV rerun on permuted outcomes, one per seed.
 
     The folds are drawn again for each permutation, stratified on the permuted outcome as the
     observed CV is on the real one: the real folds leave the permuted classes unbalanced
-    between folds, which biases the null AUROC low and the p-value with it.
+    between folds, which biases the null AUROC low and the p-value with it. With ``strata``
+    the outcome moves only between patients of the same stratum.
     """
     first = replace(cv, repeats=1)
     stats = []
     for ps in perm_seeds:
-        op = out.permuted(ps)
+        op = out.permuted(ps, strata)
         folds = make_folds(op.y, groups, first, seed)
-        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune)
+        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune, keep=keep)
         stats.append(op.score(_oof(fits, folds, len(op.y))[:, 0]))
     return stats
 
@@ -435,19 +504,34 @@ def _elastic_net(seed: int):
     )
 
 
-def _oof_baselines(X, out: Outcome, folds, seed, k_max) -> dict[str, Any]:
-    """Elastic net (binary) and best single feature, on the same folds, selection in-fold."""
+def _oof_baselines(X, out: Outcome, folds, seed, k_max, cfg: ModelConfig | None = None,
+                   keep: np.ndarray | None = None) -> dict[str, Any]:
+    """Elastic net (binary), best single feature and, with ``keep`` columns (covariates),
+    their own trees alone (:func:`_covariate_start`); on the same folds, selection in-fold."""
     repeats = max(f[0] for f in folds) + 1
     enet = np.full((len(out.y), repeats), np.nan)
     single = np.full((len(out.y), repeats), np.nan)
+    cov = np.full((len(out.y), repeats), np.nan)
+    has_keep = keep is not None and len(keep) > 0
+    free = np.setdiff1d(np.arange(X.shape[1]), keep) if has_keep else np.arange(X.shape[1])
     chosen: list[int] = []
-    for r, _k, tr, te in folds:
+    for r, k, tr, te in folds:
         sub = out.take(tr)
         if out.kind == "binary":
-            cols = select_features(X[tr], sub, k_max)
+            cols = select_features(X[tr], sub, k_max, keep=keep)
             model = _elastic_net(seed).fit(X[tr][:, cols], sub.y)
             enet[te, r] = model.predict_proba(X[te][:, cols])[:, 1]
-        j = int(select_features(X[tr], sub, 1)[0])
+        if has_keep:  # the covariates' own trees (the start of every booster) alone
+            start = _covariate_start(X[tr][:, keep], sub, cfg or ModelConfig(), seed + 1000 * r + k,
+                                     np.arange(len(keep)))
+            assert start is not None
+            dte = _dmatrix(X[te][:, keep])
+            if out.kind == "binary":
+                cov[te, r] = start.predict(dte)
+            else:
+                centre = np.median(start.predict(_dmatrix(X[tr][:, keep]), output_margin=True))
+                cov[te, r] = start.predict(dte, output_margin=True) - centre
+        j = int(free[select_features(X[tr][:, free], sub, 1)[0]])
         chosen.append(j)
         if out.kind == "binary":
             one = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
@@ -464,6 +548,8 @@ def _oof_baselines(X, out: Outcome, folds, seed, k_max) -> dict[str, Any]:
     base = {"best_single_feature": single.mean(axis=1), "_chosen": np.array(chosen)}
     if out.kind == "binary":
         base["elastic_net"] = enet.mean(axis=1)
+    if has_keep:
+        base["covariates_only"] = cov.mean(axis=1)
     return base
 
 
@@ -496,6 +582,7 @@ class TrainingResult:
     fold_importance: pd.DataFrame | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the final model's settings
     tuning: dict[str, Any] | None = None  # grid, metric, final choice and its score table
+    covariates: list[str] = field(default_factory=list)  # columns of X always kept as inputs
 
     @property
     def metric(self) -> str:
@@ -576,6 +663,8 @@ def train_model(
     random_state: int = 0,
     n_jobs: int = 2,
     where: str = "the outcome",
+    covariates: Sequence[str] = (),
+    strata: pd.Series | None = None,
 ) -> TrainingResult:
     """Evaluate XGBoost with grouped (nested, when tuning) repeated CV and fit the final model.
 
@@ -597,6 +686,15 @@ def train_model(
         Processes for the permutation test (and the outer folds when tuning).
     where
         Where the outcome comes from (file and column), for error messages.
+    covariates
+        Columns of ``X`` that are clinical covariates (e.g. the encoded treatment arm): model
+        inputs that the in-fold feature filter always keeps (``max_features`` counts the other
+        columns only) and that every booster fits first, with ``COVARIATE_ROUNDS`` trees of
+        their own before its ``n_estimators`` trees. They get a ``covariates_only`` baseline
+        and are left out of the best single feature.
+    strata
+        Per patient (index patient_id), a label within which the permutation test permutes
+        the outcome (e.g. the arm); None permutes across all patients.
     """
     model = model or ModelConfig()
     cv = cv or CVConfig()
@@ -612,6 +710,19 @@ def train_model(
         t, e = check_survival(y, where=where, folds=cv.folds)
         out = Outcome("survival", e, t)
     tune = model.search is not None
+    unknown = [c for c in covariates if c not in X.columns]
+    if unknown:
+        raise ValueError(f"The 'covariates' parameter of train_model must name columns of X. "
+                         f"Got {unknown!r} instead.")
+    keep = np.sort(X.columns.get_indexer(list(covariates))) if len(covariates) else None
+    if strata is not None:
+        labels = strata.reindex(X.index)
+        if labels.isna().any():
+            raise ValueError("The 'strata' parameter of train_model must label every patient of X. "
+                             f"Got none for {list(X.index[labels.isna()][:5])}.")
+        strata_arr = labels.astype(str).to_numpy()
+    else:
+        strata_arr = None
     Xa = X.to_numpy(dtype=np.float32, copy=True)
     n = len(out.y)
     groups = X.index.to_numpy()
@@ -622,7 +733,8 @@ def train_model(
         _check_inner(folds, out, model.search.inner_folds)
 
     t0 = time.perf_counter()
-    fits = _cv_predict(Xa, out, folds, model, random_state, tune=tune, shap=True, n_jobs=n_jobs)
+    fits = _cv_predict(Xa, out, folds, model, random_state, tune=tune, shap=True, n_jobs=n_jobs,
+                       keep=keep)
     oof_r = _oof(fits, folds, n)
     pred = oof_r.mean(axis=1)
     timings["cv"] = time.perf_counter() - t0
@@ -649,12 +761,15 @@ def train_model(
     timings["bootstrap"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    permutation = _permutation_test(Xa, out, groups, cv, model, random_state, oof_r, n_jobs)
+    permutation = _permutation_test(Xa, out, groups, cv, model, random_state, oof_r, n_jobs,
+                                    keep=keep, strata=strata_arr)
     timings["permutation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    base = _oof_baselines(Xa, out, folds, random_state, model.max_features)
+    base = _oof_baselines(Xa, out, folds, random_state, model.max_features, model, keep)
     names = ("elastic_net", "best_single_feature") if out.kind == "binary" else ("best_single_feature",)
+    if keep is not None:
+        names = (*names, "covariates_only")
     if out.kind == "binary":
         baselines = {b: metric_table(out.y, base[b], n_boot=cv.bootstrap, random_state=random_state) for b in names}
     else:
@@ -666,7 +781,7 @@ def train_model(
     final_cfg = replace(model, search=None)
     tuning = None
     if tune:
-        chosen, score, table = _tune(Xa, out, model, random_state)
+        chosen, score, table = _tune(Xa, out, model, random_state, keep)
         final_cfg = replace(final_cfg, **chosen)
         tuning = {
             "grid": {k: list(v) for k, v in model.search.grid.items()},
@@ -677,9 +792,10 @@ def train_model(
             "final_inner_score": score,
             "table": table,
         }
-    selected = select_features(Xa, out, final_cfg.max_features)
+    selected = select_features(Xa, out, final_cfg.max_features, keep=keep)
     features = [str(X.columns[j]) for j in selected]
-    booster = _fit(Xa[:, selected], out, final_cfg, random_state, nthread=1)
+    booster = _fit(Xa[:, selected], out, final_cfg, random_state, nthread=1,
+                   pos=_positions(selected, keep))
     booster.feature_names = features
     timings["final_fit"] = time.perf_counter() - t0
 
@@ -711,6 +827,8 @@ def train_model(
         for r in range(oof_r.shape[1]):
             oof[f"risk_r{r}"] = oof_r[:, r]
     oof["best_single_feature"] = base["best_single_feature"]
+    if keep is not None:
+        oof["covariates_only"] = base["covariates_only"]
     return TrainingResult(
         features=features,
         oof=oof,
@@ -729,6 +847,7 @@ def train_model(
         fold_importance=fold_importance,
         settings=_settings(final_cfg),
         tuning=tuning,
+        covariates=[str(c) for c in covariates],
     )
 
 
@@ -737,21 +856,23 @@ def _tuning_metric(model: ModelConfig, out: Outcome) -> str:
     return out.metric if s is None or s.metric == "auto" else s.metric
 
 
-def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs) -> dict[str, Any]:
+def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=None,
+                      strata=None) -> dict[str, Any]:
     tune = model.search is not None
     nested = tune and model.search.permutation_test == "nested"
     fixed = replace(model, search=None)
     if tune and not nested:
         # the statistic: the fixed-parameter CV of the first repeat on the real outcome
         first = make_folds(out.y, groups, replace(cv, repeats=1), seed)
-        observed = out.score(_oof(_cv_predict(Xa, out, first, fixed, seed, tune=False), first, len(out.y))[:, 0])
+        observed = out.score(_oof(_cv_predict(Xa, out, first, fixed, seed, tune=False, keep=keep),
+                                  first, len(out.y))[:, 0])
     else:
         observed = out.score(oof_r[:, 0])
     perm_model = model if nested else fixed
     seeds = [seed + 7919 * (i + 1) for i in range(cv.permutations)]
     chunks = [c for c in np.array_split(np.array(seeds, dtype=np.int64), max(n_jobs, 1)) if c.size]
     parts = Parallel(n_jobs=min(n_jobs, len(chunks)) or 1)(
-        delayed(_perm_stats)(Xa, out, groups, cv, perm_model, seed, c.tolist(), nested)
+        delayed(_perm_stats)(Xa, out, groups, cv, perm_model, seed, c.tolist(), nested, keep, strata)
         for c in chunks
     )
     null = np.array([v for part in parts for v in part])
@@ -773,6 +894,13 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs) -> dict[s
                  "of the first CV repeat with the fixed [model] settings (no tuning), on the real "
                  "and on each permuted outcome; the tuned headline is not the statistic "
                  "(set [model.search] permutation_test = 'nested' for that).")
+    if strata is not None:
+        h0 = "H0: the outcome is independent of the features given the covariates' strata."
+        tests = tests.replace("H0: the outcome is independent of the features.", h0)
+        tests += (f" The outcome is permuted within the {len(np.unique(strata))} strata of the "
+                  "discrete covariates only, so their own association with it is kept.")
+    elif keep is not None:
+        tests = tests.replace("independent of the features.", "independent of the features and covariates.")
     payload = {
         "p_value": p_value,
         "n_permutations": int(null.size),
@@ -783,5 +911,6 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs) -> dict[s
         "null_q95": float(np.quantile(null, 0.95)) if null.size else float("nan"),
         "procedure": procedure,
         "tests": tests,
+        "within_strata": strata is not None,
     }
     return payload

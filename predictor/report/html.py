@@ -4,8 +4,9 @@
 :func:`build_report` writes it atomically. The numbers come from
 :func:`predictor.explain.explain_bundle` and :mod:`predictor.report.tables`; this module only
 lays them out. Sections (ids in brackets): cohort and QC (``cohort``), performance
-(``performance``), global SHAP (``drivers``), cell subsets with fold stability
-(``populations``), markers and contrasts (``markers``), interactions (``interactions``),
+(``performance``), global SHAP (``drivers``), cell subsets with fold stability and, apart from
+them, the clinical covariates the model adjusts for (``populations``), markers and contrasts
+(``markers``), interactions (``interactions``),
 dependence plots (``dependence``), patient cards (``patients``) and methods (``methods``).
 """
 
@@ -24,8 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from predictor.covariates import COVARIATE_GROUP
 from predictor.errors import OutputExistsError
 from predictor.explain import (
+    COVARIATE_LEVEL,
     Explanations,
     aggregate_shap,
     describe_driver,
@@ -139,10 +142,15 @@ def _cohort(bundle: Bundle, oof: pd.DataFrame, m: dict, exp: dict) -> str:
         who = f"{int(np.nansum(y))} responders ({100 * np.nanmean(y):.0f}%)"
     else:
         who = f"{int(np.nansum(y))} events" if y.size else ""
+    covs = bundle.covariates
+    n_cov = len(covs.features) if covs is not None else 0
+    adjusted = (f", plus the clinical covariate(s) {_e(', '.join(covs.columns))}, always kept"
+                if covs is not None else "")
     parts.append(
         f"<p>{len(oof)} patients, {who}. {m.get('n_features_total', '–')} features computed per "
-        f"patient; the final model uses {len(bundle.features)} of them (filtered inside each CV "
-        "fold during evaluation, so the estimates below are not inflated by the filtering).</p>"
+        f"patient; the final model uses {len(bundle.features) - n_cov} of them{adjusted} (filtered "
+        "inside each CV fold during evaluation, so the estimates below are not inflated by the "
+        "filtering).</p>"
     )
     qc = _read_csv(bundle.path / "qc.csv")
     if qc is not None and not qc.empty:
@@ -204,7 +212,7 @@ def _performance(bundle: Bundle, oof: pd.DataFrame, m: dict, exp: dict) -> str:
         y = oof["y"].to_numpy()
         curves = {"xgboost": oof["probability"].to_numpy()}
         aucs = {"xgboost": m["metrics"]["auroc"]["estimate"]}
-        for b in ("elastic_net", "best_single_feature"):
+        for b in ("elastic_net", "best_single_feature", "covariates_only"):
             if b in oof and b in m.get("baselines", {}):
                 curves[b] = oof[b].to_numpy()
                 aucs[b] = m["baselines"][b]["auroc"]["estimate"]
@@ -266,6 +274,29 @@ def _populations(ex: Explanations, frame: pd.DataFrame, w: dict[str, str]) -> st
                                   "top_k_frequency": f"share of folds in top {ex.k}",
                                   "mean_rank": "mean fold rank", "sd_rank": "SD fold rank"})
     parts.append(f"<details><summary>Table of {len(t)} populations</summary>{_table(t)}</details>")
+    parts.append(_covariate_block(ex, frame, w))
+    return "\n".join(parts)
+
+
+def _covariate_block(ex: Explanations, frame: pd.DataFrame, w: dict[str, str]) -> str:
+    """The clinical covariates, shown apart from the cell subsets (empty without any)."""
+    cov = frame[frame["level"] == COVARIATE_LEVEL]
+    if cov.empty:
+        return ""
+    pop = frame[frame["level"] == "population"]
+    top = float(pop["mean_abs_shap"].max()) if len(pop) else float("nan")
+    parts = [f"<h3 id='covariates'>{COVARIATE_GROUP.capitalize()} (adjusted for, not cell subsets)</h3>",
+             "<p>The model also takes " + ", ".join(f"<code>{_e(c)}</code>" for c in cov["group"])
+             + " from the clinical table as input(s), fitted first, as a trial analysis adjusts for "
+             "the arm: the cell subsets above explain what the covariates do not. Their importance "
+             f"is the same measure (mean |sum of SHAP|, {w['scale']}); they are ranked apart and "
+             "never counted as a population"
+             + (f" (for comparison, the top cell subset's is {top:.3f})." if top == top else ".") + "</p>"]
+    parts.append(_img(plots.importance_plot(cov, title="Clinical covariates (adjusted for)", k=ex.k,
+                                            scale=w["scale"]), "Clinical covariate importance"))
+    cols = ["group", "n_features", "mean_abs_shap", "mean_shap"]
+    parts.append(_table(cov[cols].rename(columns={"group": "covariate", "n_features": "inputs",
+                                                  "mean_abs_shap": "mean |SHAP|", "mean_shap": "mean SHAP"})))
     return "\n".join(parts)
 
 
@@ -341,6 +372,7 @@ def _patients(bundle: Bundle, ex: Explanations, scores: pd.DataFrame, score_feat
     sX.index = sX.index.astype(str)
     svals, sbase = shap_values(bundle.booster, sX)
     by_pop = aggregate_shap(svals, bundle.schema, by="population")
+    by_cov = aggregate_shap(svals, bundle.schema, by=COVARIATE_LEVEL)
     train = bundle.train_features()
     w = _words(kind)
     for row in scores.head(max_cards).to_dict("records"):
@@ -365,6 +397,9 @@ def _patients(bundle: Bundle, ex: Explanations, scores: pd.DataFrame, score_feat
         if ups or downs:
             summary = (f"<p class='muted'>By cell subset — {w['up']}: " + (ups or "none")
                        + f"; {w['down']}: " + (downs or "none") + ".</p>")
+        if by_cov.shape[1]:
+            summary += ("<p class='muted'>Clinical covariates (adjusted for): "
+                        + ", ".join(f"{_e(k)} ({x:+.2f})" for k, x in by_cov.loc[pid].items()) + ".</p>")
         warn = row.get("warnings", "")
         warn = f"<p class='note'>⚠ {_e(warn)}</p>" if isinstance(warn, str) and warn else ""
         prob = row.get("probability", float("nan"))
@@ -381,13 +416,24 @@ def _patients(bundle: Bundle, ex: Explanations, scores: pd.DataFrame, score_feat
 
 def _methods(bundle: Bundle, ex: Explanations, exp: dict, m: dict, w: dict[str, str]) -> str:
     kind = bundle.meta.get("outcome", {}).get("kind", "binary")
-    names = {"elastic_net": "elastic-net regression", "best_single_feature": "best single feature"}
+    names = {"elastic_net": "elastic-net regression", "best_single_feature": "best single feature",
+             "covariates_only": "the clinical covariates alone"}
     baselines = ", ".join(names.get(b, b.replace("_", " ")) for b in m.get("baselines", {}))
     fc, mc, cv = exp.get("features", {}), exp.get("model", {}), exp.get("cv", {})
     data = exp.get("data", {})
     stats = ", ".join(fc.get("statistics", [])) or "–"
     params = ", ".join(f"{k} {v}" for k, v in mc.items()
                        if v is not None and not isinstance(v, dict | list)) or "defaults"
+    covs = bundle.covariates
+    cov_text = ""
+    if covs is not None:
+        within = m.get("permutation", {}).get("within_strata")
+        cov_text = (f"Clinical covariates ({_e(', '.join(covs.columns))}; categorical ones as 0/1 "
+                    "inputs per level) were model inputs, always kept by the feature filter and fitted "
+                    "first: every booster starts with trees that may split on the covariates only. "
+                    + ("The permutation test permuted the outcome within the covariates' strata. "
+                       if within else "")
+                    + "Their SHAP values are reported apart from the cell subsets. ")
     src = ("out-of-fold SHAP values of the CV models (each patient explained by models that did "
            "not see them), averaged over repeats" if ex.source == "out-of-fold" else
            "the final model's SHAP values on its training patients (in-sample; no out-of-fold "
@@ -419,7 +465,7 @@ def _methods(bundle: Bundle, ex: Explanations, exp: dict, m: dict, w: dict[str, 
         + "the final model refitted on all patients.</p>"
         f"<p>Explanations: TreeSHAP (XGBoost's native <code>pred_contribs</code>, identical to "
         f"shap.TreeExplainer) on the {w['scale']} scale; {src}. Group importances sum signed SHAP values "
-        f"per patient within a population, marker, statistic or contrast. {stab} Interactions: "
+        f"per patient within a population, marker, statistic or contrast. {cov_text}{stab} Interactions: "
         "SHAP interaction values of the final model (<code>pred_interactions</code>). Patient cards "
         "use the final model.</p>"
         f"<p class='muted'>Seed {_e(exp.get('seed', '–'))}. Software: {_e(_versions())}.</p>"
@@ -476,6 +522,8 @@ def render_report(bundle: Bundle, *, scores: pd.DataFrame | None = None,
     pops = frame[frame["level"] == "population"]["group"].head(3).tolist()
     if pops:
         glance.append("subsets that move predictions most: " + ", ".join(map(_e, pops)))
+    if ex.covariates:
+        glance.append("adjusted for " + ", ".join(map(_e, ex.covariates)))
     glance.append(f"explanations: {ex.source}")
     parts.append("<div class='glance'><b>At a glance:</b> " + "; ".join(glance) + ".</div>")
 
