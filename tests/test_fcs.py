@@ -123,6 +123,25 @@ def test_datatypes_and_byte_orders(tmp_path, datatype, bits, byteorder) -> None:
     assert sample.pns == ["M1", "M2", "M3", "M4"]
 
 
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize(("datatype", "bits"), [("F", None), ("D", None), ("I", [16] * 4),
+                                                ("I", [8, 16, 32, 16])])
+def test_reading_a_subset_of_rows(tmp_path, datatype, bits, byteorder) -> None:
+    """rows= decodes just those events (memory map), equal to the full read's rows."""
+    ev = np.minimum(_events(500, 4, integer=datatype == "I"), 255)
+    path = write_bytes(tmp_path, "r.fcs",
+                       build_fcs(ev, datatype=datatype, byteorder=byteorder, bits=bits,
+                                 ranges=[200] * 4 if datatype == "I" else None))
+    full = read_fcs(path).events
+    rows = np.array([0, 3, 4, 250, 499])
+    part = read_fcs(path, rows=rows).events
+    assert part.dtype == np.float32 and part.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(part, full[rows])
+    assert read_fcs(path, rows=np.array([], dtype=int)).events.shape == (0, 4)
+    with pytest.raises(ValueError, match=r"'rows' parameter of read_fcs .* \[0, 500\)"):
+        read_fcs(path, rows=np.array([1, 500]))
+
+
 @pytest.mark.parametrize("version", ["2.0", "3.0", "3.1", "3.2"])
 def test_versions(tmp_path, version) -> None:
     ev = _events(10, 3)
@@ -357,3 +376,12 @@ def test_missing_file_and_folder(tmp_path) -> None:
         read_fcs(tmp_path / "nope.fcs")
     with pytest.raises(FCSError, match="folder"):
         read_fcs(tmp_path)
+
+
+@pytest.mark.skipif(not PBMC8_FILES, reason=f"PBMC8 files not found in {PBMC8}")
+def test_pbmc8_subset_of_rows_matches_the_full_read() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FCSQuirkWarning)  # the known off-by-one offsets
+        full = read_fcs(PBMC8_FILES[0]).events
+        rows = np.sort(np.random.default_rng(0).choice(len(full), 300, replace=False))
+        np.testing.assert_array_equal(read_fcs(PBMC8_FILES[0], rows=rows).events, full[rows])

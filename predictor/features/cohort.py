@@ -27,7 +27,7 @@ from predictor.features.cache import SampleCache, file_digest, settings_digest
 from predictor.features.execution import TaskRunner
 from predictor.features.matrix import build_matrix
 from predictor.features.stats import positivity_thresholds, sample_statistics
-from predictor.io.fcs import read_fcs
+from predictor.io.fcs import read_fcs, read_fcs_header
 from predictor.io.panel import Panel, apply_panel
 from predictor.io.samplesheet import select_samples
 from predictor.populations import Clustering, fit_clustering, populations_from_dict
@@ -138,10 +138,12 @@ def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None 
     ``max_events`` keeps a random subset of the file's events (drawn with ``seed``). The QC
     row has the thresholds used as ``threshold_<key>``.
     """
-    sample = read_fcs(path, warn=False)  # quirks go to the QC table instead
-    if max_events is not None and sample.n_events > max_events:
-        draw = np.random.default_rng([*seed, 1]).choice(sample.n_events, max_events, replace=False)
-        sample = replace(sample, events=sample.events[np.sort(draw)])
+    rows = None
+    if max_events is not None:
+        n = read_fcs_header(path).n_events
+        if n > max_events:
+            rows = np.sort(np.random.default_rng([*seed, 1]).choice(n, max_events, replace=False))
+    sample = read_fcs(path, warn=False, rows=rows)  # quirks go to the QC table instead
     raw = apply_panel(sample, panel)
     keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
     qc = {**qc, "quirks": "; ".join(sample.quirks)}

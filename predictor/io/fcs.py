@@ -172,7 +172,8 @@ def read_fcs_header(path: str | os.PathLike) -> FCSHeader:
     return _layout(path, version, offsets, text, size, quirks)
 
 
-def read_fcs(path: str | os.PathLike, *, warn: bool = True) -> FCSData:
+def read_fcs(path: str | os.PathLike, *, warn: bool = True,
+             rows: np.ndarray | None = None) -> FCSData:
     """Read one FCS file into float32 events plus its channel table.
 
     Parameters
@@ -183,6 +184,9 @@ def read_fcs(path: str | os.PathLike, *, warn: bool = True) -> FCSData:
     warn
         Emit one :class:`FCSQuirkWarning` naming the file when it breaks the standard in a way
         that was worked around. The quirks are recorded in :attr:`FCSData.quirks` either way.
+    rows
+        Indices of the events to read (e.g. a random subset, see :func:`read_fcs_header` for
+        the count); only those are decoded, through a memory map. ``None`` reads them all.
 
     Returns
     -------
@@ -197,7 +201,7 @@ def read_fcs(path: str | os.PathLike, *, warn: bool = True) -> FCSData:
         The file cannot be read; the message names it and says what is wrong.
     """
     header = read_fcs_header(path)
-    events = _read_events(header)
+    events = _read_events(header, rows)
     if warn and header.quirks:
         warnings.warn(
             f"{header.path}: {'; '.join(header.quirks)}. The events were read anyway; "
@@ -548,17 +552,30 @@ def _data_segment(
     return b, tot
 
 
-def _read_events(header: FCSHeader) -> np.ndarray:
+def _read_events(header: FCSHeader, rows: np.ndarray | None = None) -> np.ndarray:
     """Decode the DATA segment with numpy: one read, at most one conversion."""
     n, p = header.n_events, header.n_channels
     order = header.byteorder
     widths = {b // 8 for b in header.bits}
     kind = {"F": "f", "D": "f", "I": "u"}[header.datatype]
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError(
+                f"The 'rows' parameter of read_fcs must be event indices in [0, {n}). Got "
+                f"indices up to {rows.max()} instead."
+            )
     try:
         if len(widths) == 1:
             width = widths.pop()
             dtype = np.dtype(f"{order}{kind}{width}")
-            raw = _read_array(header, dtype, n * p).reshape(n, p)
+            if rows is None:
+                raw = _read_array(header, dtype, n * p).reshape(n, p)
+            else:  # only the rows asked for: gathered from a memory map of the DATA segment
+                mapped = np.memmap(header.path, dtype=dtype, mode="r", offset=header.data_start,
+                                   shape=(n, p))
+                raw = mapped[rows].view(np.ndarray)  # fancy indexing copies into memory
+                del mapped
             if kind == "u":
                 _mask_integers(raw, header)
             if dtype == np.dtype(np.float32):
@@ -570,7 +587,9 @@ def _read_events(header: FCSHeader) -> np.ndarray:
         # integers of mixed widths: one structured read, then one column at a time
         fields = np.dtype([(f"c{i}", f"{order}u{b // 8}") for i, b in enumerate(header.bits)])
         raw = _read_array(header, fields, n)
-        out = np.empty((n, p), dtype=np.float32)
+        if rows is not None:
+            raw = raw[rows]
+        out = np.empty((len(raw), p), dtype=np.float32)
         masks = _masks(header)
         for i in range(p):
             col = raw[f"c{i}"]
