@@ -258,6 +258,10 @@ def cleanup_mask(
         raw = cells[columns].to_numpy(dtype=np.float32)
         return arcsinh(raw, [cof.get(c, 5.0) for c in columns]) if columns else raw
 
+    def above(column: str, thr: float) -> np.ndarray:
+        """arcsinh(x / cofactor) > thr, compared on the raw scale (no transform)."""
+        return cells[column].to_numpy() > cof.get(column, 5.0) * math.sinh(thr)
+
     keep = np.ones(n, dtype=bool)
     used: dict[str, float] = {}
     qc: dict[str, float | int | bool] = {"events_in": n}
@@ -267,9 +271,13 @@ def cleanup_mask(
         return fixed[key] if key in fixed else auto()
 
     beads = cols("bead")
-    if beads and n:
+    if beads and "bead" in fixed and n:  # a bead is above the threshold in all but one channel
+        used["bead"] = fixed["bead"]
+        n_above = np.sum([above(c, fixed["bead"]) for c in beads], axis=0)
+        keep &= n_above < (len(beads) if len(beads) < 3 else len(beads) - 1)
+    elif beads and n:
         score = _bead_score(scaled(beads))
-        thr = pick("bead", lambda: _auto_high(score[keep], min_gap=_BEAD_MIN_GAP, k=None))
+        thr = _auto_high(score[keep], min_gap=_BEAD_MIN_GAP, k=None)
         used["bead"] = thr
         keep &= ~(score > thr)
     qc["after_beads"] = int(keep.sum())
@@ -292,7 +300,10 @@ def cleanup_mask(
     qc["after_singlets"] = int(keep.sum())
 
     viability = cols("viability")
-    if viability and keep.any():
+    if len(viability) == 1 and "viability" in fixed and keep.any():
+        used["viability"] = fixed["viability"]
+        keep &= ~above(viability[0], fixed["viability"])
+    elif viability and keep.any():
         score = scaled(viability).mean(axis=1)
         thr = pick("viability",
                    lambda: _auto_high(score[keep], min_gap=_VIABILITY_MIN_GAP, k=_VIABILITY_K))
@@ -301,7 +312,10 @@ def cleanup_mask(
     qc["after_live"] = int(keep.sum())
 
     cd45 = [c for c in cells.columns if normalize_marker(c) == "cd45" and c in roles]
-    if cd45 and keep.any():
+    if cd45 and "cd45" in fixed and keep.any():
+        used["cd45"] = fixed["cd45"]
+        keep &= above(cd45[0], fixed["cd45"])
+    elif cd45 and keep.any():
         level = scaled(cd45[:1])[:, 0]
         used["cd45"] = pick("cd45", lambda: _auto_low(level[keep]))
         keep &= level > used["cd45"]
