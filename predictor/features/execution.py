@@ -68,8 +68,7 @@ class TaskRunner:
             yield from _progress(map(fn, jobs), len(jobs), progress)
             return
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs,
-                                             mp_context=get_context("forkserver"))
+            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=_context(fn))
         futures = [self._pool.submit(fn, job) for job in jobs]
         try:
             for fut in _progress(as_completed(futures), len(futures), progress):
@@ -88,6 +87,17 @@ class TaskRunner:
         done = dask_completed(futures, loop=client.loop, with_results=False, raise_errors=True)
         for fut in _progress(done, len(futures), progress):
             yield client.gather(fut)
+
+
+def _context(fn: Callable[[Any], Any]):
+    """The forkserver context, with ``fn``'s module imported once in the server (before it
+    starts): workers are then forked with numpy, pandas and scipy already loaded, instead of
+    each importing them (~1.5 s) every time a pool starts."""
+    ctx = get_context("forkserver")
+    module = getattr(fn, "__module__", None)
+    if module and module != "__main__":
+        ctx.set_forkserver_preload(["predictor.features.cohort", module])
+    return ctx
 
 
 def run_tasks(
