@@ -179,6 +179,18 @@ def test_frac_pos_reference_needs_the_unstimulated_partner(tiny):
                        "frac_pos_reference = 'fixed'"):
         extract_features(sheet.drop(index=drop), panel,
                          config=FeatureConfig(n_jobs=1, frac_pos_reference="unstim"))
+    # Scoring is not strict: the orphaned stimulated sample gets no positivity gates (missing
+    # fractions positive), everything else is computed.
+    fs = extract_features(sheet.drop(index=drop), panel, strict_reference=False,
+                          config=FeatureConfig(n_jobs=1, frac_pos_reference="unstim"))
+    orphan = sheet[(sheet["patient_id"] == lonely["patient_id"])
+                   & (sheet["timepoint"] == lonely["timepoint"])
+                   & (sheet["condition"] == "stim")]["sample_id"].item()
+    rows = fs.long[fs.long["sample_id"] == orphan]
+    assert rows.loc[rows["statistic"] == "frac_pos", "value"].isna().all()
+    assert rows.loc[rows["statistic"] == "median", "value"].notna().any()
+    others = fs.long[(fs.long["sample_id"] != orphan) & (fs.long["statistic"] == "frac_pos")]
+    assert others["value"].notna().any()
 
 
 def test_frac_pos_reference_is_validated(tmp_path):

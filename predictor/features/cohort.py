@@ -280,14 +280,19 @@ def _pass2(job):
     return sj.sample_id, pops, stats, data["qc"], gates
 
 
-def _unstim_partners(need: pd.DataFrame, cfg: FeatureConfig) -> dict[str, str]:
+def _unstim_partners(need: pd.DataFrame, cfg: FeatureConfig, *, strict: bool = True
+                     ) -> dict[str, str | None]:
     """Sample → the unstimulated sample of the same patient and timepoint (itself for the
-    unstimulated ones); a sample without one is an error naming it."""
+    unstimulated ones); a sample without one is an error naming it, or maps to None when not
+    ``strict``."""
     cols = ["sample_id", "patient_id", "timepoint"]
     is_ref = need["condition"].astype(str).eq(cfg.unstim).to_numpy()
     ref = {(pt, tp): sid for sid, pt, tp in need.loc[is_ref, cols].itertuples(index=False)}
     out = {}
     for sid, pt, tp in need[cols].itertuples(index=False):
+        if (pt, tp) not in ref and not strict:
+            out[sid] = None
+            continue
         if (pt, tp) not in ref:
             raise FeatureError(
                 f"Sample {sid!r} (patient {pt!r}, timepoint {tp!r}) has no {cfg.unstim!r} "
@@ -311,6 +316,7 @@ def extract_features(
     scheduler: str | None = None,
     progress: bool = False,
     random_state: int = 0,
+    strict_reference: bool = True,
 ) -> FeatureSet:
     """Populations and features of a cohort.
 
@@ -342,6 +348,10 @@ def extract_features(
         Show progress bars.
     random_state
         Seed of the subsampling.
+    strict_reference
+        With ``frac_pos_reference = "unstim"``, a stimulated sample without its unstimulated
+        partner is an error (training); ``False`` gives it missing fractions positive instead
+        (scoring, which reports the missing sample per patient).
     """
     cfg = config or FeatureConfig()
     if cfg.frac_pos_reference not in FRAC_POS_REFERENCES:
@@ -359,7 +369,7 @@ def extract_features(
     batch_col = need["batch"] if "batch" in need else pd.Series("1", index=need.index)
     rows = list(zip(need["sample_id"], need["path"], batch_col.astype(str), strict=True))
     cache_dir = str(cache) if cache is not None else None
-    partners = _unstim_partners(need, cfg) if (
+    partners = _unstim_partners(need, cfg, strict=strict_reference) if (
         cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics) else None
     with TaskRunner(cfg.n_jobs, scheduler) as runner:  # one pool for every pass
         pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
@@ -395,8 +405,8 @@ def extract_features(
             refs = [replace(sample_jobs[sid], reference=True)
                     for sid, ref in partners.items() if sid == ref]
             run_pass2(refs, "Extracting features (unstimulated)")
-            others = [replace(sample_jobs[sid], positivity=results[ref][3])
-                      for sid, ref in partners.items() if sid != ref]
+            others = [replace(sample_jobs[sid], positivity=results[ref][3] if ref else {})
+                      for sid, ref in partners.items() if sid != ref]  # {}: no gate, NaN
             run_pass2(others, "Extracting features (stimulated)")
         else:
             run_pass2(list(sample_jobs.values()), "Extracting features")
