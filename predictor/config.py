@@ -29,6 +29,7 @@ __all__ = [
     "TrackingConfig",
     "ExperimentConfig",
     "load_experiment",
+    "validate_features",
 ]
 
 STATISTICS = ("count", "pct_parent", "pct_live", "median", "frac_pos")
@@ -243,8 +244,8 @@ def _fail(where: str, name: str, must: str, got: Any) -> None:
     raise ConfigError(f"The '{name}' parameter of {where} must be {must}. Got {got!r} instead.")
 
 
-def _validate(cfg: ExperimentConfig) -> None:
-    f = cfg.features
+def validate_features(f: FeatureConfig) -> None:
+    """Refuse [features] settings out of range (ConfigError naming the key and the value)."""
     if f.mode not in FEATURE_MODES:
         _fail("[features]", "mode", f"one of {', '.join(FEATURE_MODES)}", f.mode)
     bad = [s for s in f.statistics if s not in STATISTICS]
@@ -260,6 +261,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         _fail("[features]", "min_cells", "an int >= 1", f.min_cells)
     if f.n_jobs < 1:
         _fail("[features]", "n_jobs", "an int >= 1", f.n_jobs)
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    validate_features(cfg.features)
     if cfg.outcome.kind not in ("binary", "survival"):
         _fail("[outcome]", "kind", "'binary' or 'survival'", cfg.outcome.kind)
     m = cfg.model

@@ -271,10 +271,10 @@ def cleanup_mask(
         return fixed[key] if key in fixed else auto()
 
     beads = cols("bead")
-    if beads and "bead" in fixed and n:  # a bead is above the threshold in all but one channel
+    if beads and "bead" in fixed and n:  # a bead clears the threshold in all but _bead_rank channels
         used["bead"] = fixed["bead"]
         n_above = np.sum([above(c, fixed["bead"]) for c in beads], axis=0)
-        keep &= n_above < (len(beads) if len(beads) < 3 else len(beads) - 1)
+        keep &= n_above < len(beads) - _bead_rank(len(beads))
     elif beads and n:
         score = _bead_score(scaled(beads))
         thr = _auto_high(score[keep], min_gap=_BEAD_MIN_GAP, k=None)
@@ -529,6 +529,12 @@ def _length_high(length: np.ndarray) -> float:
     return center + _LENGTH_K * sd_right
 
 
+def _bead_rank(n_channels: int) -> int:
+    """Which bead channel value (0 = lowest) must clear the bead threshold: the second-lowest
+    when there are three or more channels, so one weak channel does not hide a bead."""
+    return 1 if n_channels >= 3 else 0
+
+
 def _bead_score(values: np.ndarray) -> np.ndarray:
     """Per event, the level a bead must exceed: the lowest of its bead channels (the
     second-lowest when there are three or more, so one weak channel does not hide a bead)."""
@@ -536,7 +542,7 @@ def _bead_score(values: np.ndarray) -> np.ndarray:
     if n == 1:
         return values[:, 0]
     lowest = np.minimum.reduce([values[:, j] for j in range(n)])
-    if n < 3:
+    if _bead_rank(n) == 0:
         return lowest
     second = np.full(len(values), np.inf, dtype=values.dtype)
     first = np.full(len(values), np.inf, dtype=values.dtype)

@@ -221,5 +221,6 @@ def test_cli_features_with_unstim_positivity_and_a_bad_reference(tiny, tmp_path,
     assert unstim["value"].max() <= 0.05 + 1 / 20  # ~5% above its own 95th percentile
     assert main([*args, "--out", str(tmp_path / "g"), "--frac-pos-reference", "unstimulated"]) == 2
     err = capsys.readouterr().err
-    assert "frac_pos_reference must be one of fixed, unstim; got 'unstimulated'" in err
+    assert ("The 'frac_pos_reference' parameter of [features] must be one of fixed, unstim. "
+            "Got 'unstimulated' instead.") in err
     assert not (tmp_path / "g").exists()

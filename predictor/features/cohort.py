@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from predictor import __version__
-from predictor.config import FRAC_POS_REFERENCES, FeatureConfig
-from predictor.errors import ConfigError, FeatureError, OutputExistsError
+from predictor.config import FeatureConfig, validate_features
+from predictor.errors import FeatureError, OutputExistsError
 from predictor.features.cache import SampleCache, file_digest, settings_digest
 from predictor.features.execution import TaskRunner
 from predictor.features.matrix import build_matrix
@@ -354,12 +354,7 @@ def extract_features(
         (scoring, which reports the missing sample per patient).
     """
     cfg = config or FeatureConfig()
-    if cfg.frac_pos_reference not in FRAC_POS_REFERENCES:
-        raise ConfigError(f"frac_pos_reference must be one of {', '.join(FRAC_POS_REFERENCES)}; "
-                          f"got {cfg.frac_pos_reference!r}.")
-    if not 0 < cfg.frac_pos_quantile < 1:
-        raise ConfigError(f"frac_pos_quantile must be in (0, 1), e.g. 0.99; got "
-                          f"{cfg.frac_pos_quantile!r}.")
+    validate_features(cfg)
     need = select_samples(samples, timepoints=cfg.timepoints, conditions=cfg.conditions)
     if need.empty:
         raise FeatureError(

@@ -13,7 +13,7 @@ from typing import Any
 
 from predictor.errors import ConfigError
 
-__all__ = ["TaskRunner", "run_tasks"]
+__all__ = ["TaskRunner"]
 
 
 def _progress(it: Iterable, total: int, label: str | None) -> Iterable:
@@ -96,22 +96,8 @@ def _context(fn: Callable[[Any], Any]):
     ctx = get_context("forkserver")
     module = getattr(fn, "__module__", None)
     if module and module != "__main__":
-        ctx.set_forkserver_preload(["predictor.features.cohort", module])
+        ctx.set_forkserver_preload([module])
     return ctx
-
-
-def run_tasks(
-    fn: Callable[[Any], Any],
-    jobs: Sequence[Any],
-    *,
-    n_jobs: int = 1,
-    scheduler: str | None = None,
-    progress: str | None = None,
-) -> Iterator[Any]:
-    """Run ``fn`` over ``jobs`` once (see :class:`TaskRunner`, which several passes can share);
-    results are yielded as they complete (any order)."""
-    with TaskRunner(n_jobs, scheduler) as runner:
-        yield from runner.map(fn, jobs, progress=progress)
 
 
 def _dask_client(address: str):
