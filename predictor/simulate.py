@@ -18,8 +18,8 @@ markers (cytokines, GzmB, perforin, Ki-67, PD-1) are bimodal: a cell is positive
 probability that depends on the subset, the condition, the patient and the treatment.
 Subset frequencies vary between patients (logistic-normal), and slightly between timepoints.
 
-IL-7 biology (week 6, IL-7 arm only; each patient has an IL-7 responsiveness ``r`` and each
-effect its own per-patient magnitude around ``r``)
+IL-7 biology (week 6, IL-7 arm only; each effect has its own per-patient magnitude, around a
+per-patient IL-7 responsiveness ``r`` that varies little, so effects are only weakly correlated)
 ------------------------------------------------------------------------------------------
 CD8 T cells expand (≈1.5–2.5×) and so do CD56bright NK cells; monocytes fall but make more
 TNFα; after stimulation CD4 T cells make more IL-2, TNFα and IL-6 (without being more
@@ -31,10 +31,12 @@ Outcome model
 Driver values are measured on the simulated events themselves (true identities, arcsinh(x/5)
 of the written float32 values; ``frac_pos`` = fraction of cells with a value > 2.0; ``pct_live``
 = % of live singlet cells, ``pct_parent`` = % of the parent population, e.g. Treg % of CD4 T).
+Changes Δ = week6 − baseline are taken on the pipeline's scale (DESIGN §3): a log2 ratio for
+frequencies (pseudo-count 0.01 % for ``pct_live``), a difference for fractions and medians.
 Each driver is standardised, ``z = (v - centre) / scale``; for prognostic terms centre and scale
 are the mean and SD over all patients; for IL-7 (predictive) terms the centre is 0 (no
 on-treatment change, no benefit) and the scale the root mean square over the IL-7 arm. Both are
-stored in ``truth.json``. With Δ = week6 − baseline, the linear predictor of patient *i* is::
+stored in ``truth.json``. The linear predictor of patient *i* is::
 
     lp_i = -0.9
            - 0.8·z(Treg % of CD4 T, baseline unstim)                    prognostic, linear
@@ -45,8 +47,9 @@ stored in ``truth.json``. With Δ = week6 − baseline, the linear predictor of 
                     + 0.6·z(Δ NK TNFα frac+, stim)·z(Δ CD8 T IFNγ frac+, stim) )  interaction
            + u_i,   u_i ~ N(0, 0.5²)  (unmeasured factors)
 
-A latent immunosuppression score per patient raises Tregs, monocytes and PD-1 together, so the
-prognostic drivers are correlated as in advanced cancer. ``response ~ Bernoulli(expit(lp))``.
+A latent immunosuppression score per patient raises Tregs, monocytes and PD-1 on CD8 memory T
+cells together, so the prognostic drivers are correlated as in advanced cancer; PD-1 on CD4
+memory T cells and Tregs varies between patients independently of it. ``response ~ Bernoulli(expit(lp))``.
 Survival follows a Weibull model with the same linear predictor (shape 1.4, hazard
 ∝ exp(−0.8·lp), median 20 months at lp = 0) and uniform administrative censoring between 12 and
 48 months. ``age`` and ``psa_baseline`` are uninformative covariates. ``truth.json`` holds every
@@ -73,6 +76,7 @@ import numpy as np
 import pandas as pd
 
 from predictor.errors import ConfigError, OutputExistsError
+from predictor.features.matrix import timepoint_change
 from predictor.io.fcs import write_fcs
 
 __all__ = ["SimulatedCohort", "simulate_cohort", "POPULATIONS", "FRAC_POS_THRESHOLD"]
@@ -289,13 +293,16 @@ _IL7 = {
     "mono_tnfa_logit": 0.8,
     "t_ki67_logit": 1.5,
     "t_cd127_level": -0.5,
-    "r_sd": 0.35,  # log-sd of the patient responsiveness r
-    "effect_sd": 0.25,  # log-sd of each effect's magnitude around r
+    "r_sd": 0.15,  # log-sd of the patient responsiveness r (shared by all effects)
+    "effect_sd": 0.35,  # log-sd of each effect's own magnitude around r
     "max_effect": 2.2,  # magnitudes are capped (CD8 T at most ×3.2 before renormalising)
 }
 
 # Latent immunosuppression (per patient, N(0, 1)): its loadings.
-_SUPPRESSION = {"treg_log_freq": 0.3, "mono_log_freq": 0.25, "pd1_logit": 0.6, "pd1_sd": 0.35}
+# PD-1 on CD8 memory follows the latent state; on CD4 memory and Tregs it varies on its own
+# (``cd4_pd1_sd``), so only CD8 T cells carry the prognostic PD-1 signal.
+_SUPPRESSION = {"treg_log_freq": 0.3, "mono_log_freq": 0.25, "pd1_logit": 0.6, "pd1_sd": 0.35,
+                "cd4_pd1_sd": 0.7}
 
 # Outcome model (see module docstring).
 _OUTCOME = {
@@ -472,9 +479,11 @@ def _patient_params(rng: np.random.Generator, arm: str) -> dict:
                for k in _IL7 if k not in ("r_sd", "effect_sd", "max_effect")}
     noncell = np.array(_NONCELL_FRAC) * np.exp(rng.normal(0.0, 0.25, 4))
     noncell_w6 = np.array(_NONCELL_FRAC) * np.exp(rng.normal(0.0, 0.25, 4))
+    cd4_pd1_logit = float(rng.normal(0.0, _SUPPRESSION["cd4_pd1_sd"]))
     return {
         "arm": arm, "log_freq": log_freq, "shift": shift, "cyto_logit": cyto_logit,
-        "pd1_logit": pd1_logit, "week6_noise": week6_noise, "r": r, "suppression": supp,
+        "pd1_logit": {4: pd1_logit, 1: cd4_pd1_logit, 2: cd4_pd1_logit},
+        "week6_noise": week6_noise, "r": r, "suppression": supp,
         "effects": effects if arm == "IL-7" else dict.fromkeys(effects, 0.0),
         "noncell": {"baseline": noncell, "week6": noncell_w6},
     }
@@ -521,8 +530,8 @@ def _sample_profile(params: dict, timepoint: str, condition: str) -> dict:
     # PD-1 propensity (patient), Ki-67 and CD127 under IL-7 in T cells.
     t_cells = [0, 1, 2, 3, 4, 5]
     j = idx["PD-1"]
-    q[:, j] = np.where(q[:, j] > 0, _expit(_logit(np.clip(q[:, j], 1e-3, 0.999))
-                                           + params["pd1_logit"]), 0.0)
+    for code, shift in params["pd1_logit"].items():
+        q[code, j] = _expit(_logit(np.clip(q[code, j], 1e-3, 0.999)) + shift)
     j = idx["Ki-67"]
     q[t_cells, j] = _expit(_logit(q[t_cells, j]) + _IL7["t_ki67_logit"] * eff["t_ki67_logit"])
     lpos[t_cells, idx["CD127"]] += _IL7["t_cd127_level"] * eff["t_cd127_level"]
@@ -744,7 +753,9 @@ def _stat(stats: dict, term: dict, pid: str, timepoint: str) -> float:
 def _driver_value(stats: dict, term: dict, pid: str) -> float:
     if term["timepoint"] == "baseline":
         return _stat(stats, term, pid, "baseline")
-    return _stat(stats, term, pid, "week6") - _stat(stats, term, pid, "baseline")
+    # On the pipeline's scale: log2 ratio for frequencies, difference otherwise.
+    return float(timepoint_change(_stat(stats, term, pid, "week6"), _stat(stats, term, pid, "baseline"),
+                                  term["statistic"]))
 
 
 def _standardise(values: np.ndarray, scope: np.ndarray, arm: str) -> tuple[float, float]:

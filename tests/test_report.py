@@ -212,42 +212,38 @@ def test_planted_driver_populations_rank_high(trained) -> None:
 
     truth.json plants 5 driver populations (CD4 T, CD8 T, Monocytes, NK, Treg) among the 20
     gated ones. Measured with out-of-fold SHAP (default model, 5-fold × 2 CV, seed = cohort
-    seed) on simulated cohorts of 1500 cells per sample, without and with the treatment arm as
-    a clinical covariate (``[model] covariates = ["arm"]``, the demo's setting: the arm is an
-    input that every booster fits first, and it is ranked apart from the populations):
+    seed) on simulated cohorts of 1500 cells per sample, with the treatment arm as a clinical
+    covariate (the demo's setting: an input every booster fits first, ranked apart):
 
-    ========  =====  ==================  ==================  ==================  ===========
-    patients  seed   recall@5            recall@8            drivers' mean rank  AUROC
-                     without → with arm  without → with arm  without → with arm  without → with
-    ========  =====  ==================  ==================  ==================  ===========
-    40        0      0.4 → 0.4           0.4 → 0.8           9.0 → 7.8           0.87 → 0.91
-    40        1      0.4 → 0.4           0.6 → 0.8           7.0 → 5.8           0.81 → 0.86
-    40        2      0.4 → 0.6           0.6 → 0.6           7.0 → 6.8           0.80 → 0.81
-    40        3      0.2 → 0.2           0.6 → 0.6           7.6 → 8.6           0.79 → 0.84
-    40        4      0.4 → 0.8           1.0 → 1.0           5.8 → 3.8           0.63 → 0.63
-    40        5      0.4 → 0.4           0.6 → 0.6           7.4 → 7.0           0.71 → 0.72
-    60        0      0.2 → 0.2           0.4 → 0.6           10.0 → 9.8          0.69 → 0.77
-    60        1      0.2 → 0.2           0.2 → 0.6           10.0 → 8.8          0.77 → 0.78
-    60        2      0.4 → 0.4           0.8 → 0.8           6.0 → 6.6           0.83 → 0.87
-    60        3      0.4 → 0.4           0.6 → 0.6           6.4 → 6.2           0.83 → 0.85
-    120       1      0.6 → 0.6           0.8 → 0.8           5.4 → 5.8           0.78 → 0.80
-    mean of 10 (40, 60)  0.34 → 0.40     0.58 → 0.70         7.6 → 7.1           0.77 → 0.80
-    chance           0.25                0.40                10.5
-    ========  =====  ==================  ==================  ==================  ===========
+    ========  =====  ========  ========  ==================  =====
+    patients  seed   recall@5  recall@8  drivers' mean rank  AUROC
+    ========  =====  ========  ========  ==================  =====
+    40        0      0.4       0.6       6.4                 0.90
+    40        1      0.6       0.6       5.8                 0.81
+    40        2      0.4       0.6       7.4                 0.84
+    40        3      0.4       0.6       6.4                 0.76
+    40        6      0.4       0.4       7.6                 0.78
+    40        7      0.0       0.4       10.4                0.66
+    40        8      0.2       0.4       10.6                0.83
+    40        9      0.6       0.6       6.6                 0.81
+    60        4      0.8       0.8       4.6                 0.65
+    60        5      0.6       0.8       5.8                 0.75
+    mean of 10       0.44      0.58      7.2                 0.78
+    chance           0.25      0.40      10.5
+    ========  =====  ========  ========  ==================  =====
 
-    Seed 0 with 40 patients (this test) gives, with the arm, recall@5 = 0.4, recall@8 = 0.8 and
-    a mean rank of 7.8. The arm helps recall@8, the mean rank and the AUROC, but recall@5 stays
-    near chance. Why: the arm as a plain input gets no SHAP at all (the trees split on
-    on-treatment IL-7 targets instead, which separate the arms as well and carry more), hence
-    "fitted first". What remains is within the IL-7 arm: every IL-7 effect scales with one
-    per-patient responsiveness, so Ki-67/CD127 on T cells, γδ T IL-2 or CD56bright NK track the
-    planted ΔCD8 T and ΔCD4 T IL-2 drivers (r ≈ 0.5 with the true linear predictor); the CD8 T
-    expansion lowers every other population's % of live cells; and signal spreads over parent
-    and child gates (CD4 T → CD4 memory, Monocytes → Classical mono). Summing SHAP over the
-    lineage tree was not adopted: parents would collect their children's importance whatever
-    the signal, and 4 of the 5 drivers are parents, so recall would rise by construction.
-    Floors, from the worst run measured with the arm: recall@(k+3) ≥ 0.6 and a mean rank better
-    than chance; recall@k has no floor above chance (worst 0.2).
+    The drivers rank above chance on average, but not reliably at the very top. Why: within
+    the IL-7 arm, signal spreads over parent and child gates whose readouts are nearly the
+    same (NK TNFα vs CD56dim NK TNFα r ≈ 0.97; Monocytes vs Classical mono % live r ≈ 0.96;
+    CD4 T vs CD4 memory IL-2 r ≈ 0.9), and every population's % of live cells moves when CD8 T
+    cells expand. With 20 IL-7 patients, no model can tell such near-duplicates apart.
+    The simulator's drivers are on the pipeline's own scales (log2 ratio for Δ frequencies),
+    PD-1 carries the prognostic signal on CD8 T cells only and the IL-7 effects vary
+    independently between patients; none of that moved the recall (mean recall@5 0.40 before,
+    same 10 cohorts). Summing SHAP over the lineage tree was not adopted: parents would collect
+    their children's importance whatever the signal, and 4 of the 5 drivers are parents.
+    Floors (this test: seed 0, 40 patients): recall@(k+3) ≥ 0.6 and a mean rank better than
+    chance; they hold on 7 of the 10 cohorts above.
     """
     truth = json.loads(Path(trained.cohort.truth).read_text())
     drivers = _driver_populations(truth)

@@ -16,7 +16,8 @@ import pandas as pd
 
 from predictor.config import FeatureConfig
 
-__all__ = ["build_matrix", "feature_name", "META_COLUMNS", "STAT_LABELS", "FREQUENCY_STATISTICS"]
+__all__ = ["build_matrix", "feature_name", "timepoint_change", "META_COLUMNS", "STAT_LABELS",
+           "FREQUENCY_STATISTICS"]
 
 META_COLUMNS = ["population", "marker", "statistic", "condition", "timepoint"]
 #: Statistic code → its label in feature names.
@@ -30,6 +31,22 @@ STAT_LABELS = {
 #: Statistics of population size (log2 ratios across timepoints, taken from unstim).
 FREQUENCY_STATISTICS = ("count", "pct_parent", "pct_live")
 _PSEUDO = {"count": 1.0, "pct_parent": 0.1, "pct_live": 0.01}
+
+
+def timepoint_change(on, before, statistics):
+    """On-treatment minus baseline, per statistic: a log2 ratio (with a small pseudo-count)
+    for frequencies and counts, a difference for medians (arcsinh scale) and fractions.
+
+    ``on`` and ``before`` are arrays (or scalars) of equal shape; ``statistics`` holds the
+    statistic code of each column (or one code for all). Missing values stay missing.
+    """
+    on, before = np.asarray(on, dtype=float), np.asarray(before, dtype=float)
+    stats = np.asarray(statistics, dtype=object)
+    eps = np.vectorize(lambda code: _PSEUDO.get(code, 0.0), otypes=[float])(stats)
+    is_freq = np.isin(stats, FREQUENCY_STATISTICS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log2((on + eps) / (before + eps))
+    return np.where(is_freq, ratio, on - before)
 
 
 def feature_name(
@@ -114,11 +131,7 @@ def build_matrix(long: pd.DataFrame, cfg: FeatureConfig) -> tuple[pd.DataFrame, 
     if cfg.mode == "on-treatment":
         on = per_timepoint(cfg.on_treatment)
         before = base.reindex(index=on.index, columns=on.columns)
-        eps = np.array([_PSEUDO.get(stat, 0.0) for stat in on.columns.get_level_values(2)])
-        is_freq = on.columns.get_level_values(2).isin(FREQUENCY_STATISTICS)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.log2((on.to_numpy() + eps) / (before.to_numpy() + eps))
-        delta = np.where(is_freq, ratio, on.to_numpy() - before.to_numpy())
+        delta = timepoint_change(on.to_numpy(), before.to_numpy(), on.columns.get_level_values(2))
         blocks[f"{cfg.on_treatment}-{cfg.baseline}"] = pd.DataFrame(delta, index=on.index,
                                                                     columns=on.columns)
     meta_rows = []
