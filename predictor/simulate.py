@@ -18,8 +18,8 @@ markers (cytokines, GzmB, perforin, Ki-67, PD-1) are bimodal: a cell is positive
 probability that depends on the subset, the condition, the patient and the treatment.
 Subset frequencies vary between patients (logistic-normal), and slightly between timepoints.
 
-IL-7 biology (week 6, IL-7 arm only; each effect has its own per-patient magnitude, around a
-per-patient IL-7 responsiveness ``r`` that varies little, so effects are only weakly correlated)
+IL-7 biology (week 6, IL-7 arm only; each patient has an IL-7 responsiveness ``r`` and each
+effect its own per-patient magnitude around ``r``)
 ------------------------------------------------------------------------------------------
 CD8 T cells expand (≈1.5–2.5×) and so do CD56bright NK cells; monocytes fall but make more
 TNFα; after stimulation CD4 T cells make more IL-2, TNFα and IL-6 (without being more
@@ -293,8 +293,8 @@ _IL7 = {
     "mono_tnfa_logit": 0.8,
     "t_ki67_logit": 1.5,
     "t_cd127_level": -0.5,
-    "r_sd": 0.15,  # log-sd of the patient responsiveness r (shared by all effects)
-    "effect_sd": 0.35,  # log-sd of each effect's own magnitude around r
+    "r_sd": 0.35,  # log-sd of the patient responsiveness r (shared by all effects)
+    "effect_sd": 0.25,  # log-sd of each effect's own magnitude around r
     "max_effect": 2.2,  # magnitudes are capped (CD8 T at most ×3.2 before renormalising)
 }
 

@@ -119,7 +119,7 @@ def test_gating_subsets_against_truth(cohort, gatings) -> None:
     print("\n" + table.round(3).to_string())
     # naive gates also take the simulator's CD45RA+ CCR7+ memory cells (5–9%): indistinguishable
     assert (table["recall"] >= 0.9).all() and (table["precision"] >= 0.9).all(), table
-    assert table.loc["Treg", "recall"] >= 0.92  # the diffuse CD127lo population (measured 0.923)
+    assert table.loc["Treg", "recall"] >= 0.93  # the diffuse CD127lo population
 
 
 def test_every_automatic_threshold_comes_from_a_valley(gatings) -> None:
