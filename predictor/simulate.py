@@ -482,8 +482,7 @@ def _patient_params(rng: np.random.Generator, arm: str) -> dict:
     cd4_pd1_logit = float(rng.normal(0.0, _SUPPRESSION["cd4_pd1_sd"]))
     return {
         "arm": arm, "log_freq": log_freq, "shift": shift, "cyto_logit": cyto_logit,
-        "pd1_logit": {4: pd1_logit, 1: cd4_pd1_logit, 2: cd4_pd1_logit},
-        "week6_noise": week6_noise, "r": r, "suppression": supp,
+        "pd1_logit": pd1_logit, "cd4_pd1_logit": cd4_pd1_logit, "week6_noise": week6_noise, "r": r, "suppression": supp,
         "effects": effects if arm == "IL-7" else dict.fromkeys(effects, 0.0),
         "noncell": {"baseline": noncell, "week6": noncell_w6},
     }
@@ -530,8 +529,9 @@ def _sample_profile(params: dict, timepoint: str, condition: str) -> dict:
     # PD-1 propensity (patient), Ki-67 and CD127 under IL-7 in T cells.
     t_cells = [0, 1, 2, 3, 4, 5]
     j = idx["PD-1"]
-    for code, shift in params["pd1_logit"].items():
-        q[code, j] = _expit(_logit(np.clip(q[code, j], 1e-3, 0.999)) + shift)
+    shift = np.where(np.isin(np.arange(_N_LEAF), _GROUPS["CD8 T"]), params["pd1_logit"],
+                     params["cd4_pd1_logit"])
+    q[:, j] = np.where(q[:, j] > 0, _expit(_logit(np.clip(q[:, j], 1e-3, 0.999)) + shift), 0.0)
     j = idx["Ki-67"]
     q[t_cells, j] = _expit(_logit(q[t_cells, j]) + _IL7["t_ki67_logit"] * eff["t_ki67_logit"])
     lpos[t_cells, idx["CD127"]] += _IL7["t_cd127_level"] * eff["t_cd127_level"]
