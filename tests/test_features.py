@@ -13,6 +13,7 @@ from predictor.features import (
     build_matrix,
     feature_name,
     positivity_thresholds,
+    reference_statistics,
     sample_statistics,
 )
 from predictor.features.matrix import META_COLUMNS
@@ -123,6 +124,33 @@ def test_positivity_thresholds_and_per_population_gates() -> None:
     assert v[("A", "IFNg", "frac_pos")] == 0.5  # 3, 4 > 2.5
     assert v[("B", "TNFa", "frac_pos")] == 1.0
     assert np.isnan(v[("A", "TNFa", "frac_pos")])  # no gate for that pair
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_reference_statistics_equal_thresholds_then_statistics(raw) -> None:
+    """An unstimulated sample gated by its own quantiles: one sort gives exactly what the
+    two-step path (quantiles, then statistics with them) gives, gates included."""
+    rng = np.random.default_rng(3)
+    n = 400
+    values = {"IFNg": rng.gamma(0.6, 15.0, n), "TNFa": np.where(rng.random(n) < 0.5, 0.0,
+                                                                 rng.gamma(2.0, 5.0, n))}
+    cof = {"IFNg": 5.0, "TNFa": 5.0}
+    cells = pd.DataFrame({m: (v if raw else np.arcsinh(v / cof[m])).astype(np.float32)
+                          for m, v in values.items()})
+    member = pd.DataFrame({"A": np.arange(n) < 300, "B": np.arange(n) % 3 == 0,
+                           "C": np.arange(n) < 4})  # C is under min_cells
+    pops = pd.DataFrame({"population": ["A", "B", "C"], "parent": "root", "count": [300, 134, 4],
+                         "pct_parent": 1.0, "pct_live": 1.0})
+    kw = {"markers": ["IFNg", "TNFa"], "min_cells": 5, "cofactors": cof if raw else None}
+    gates = positivity_thresholds(cells, member, quantile=0.9, **kw)
+    want = sample_statistics(cells, member, pops, statistics=ALL_STATS, frac_pos_threshold=gates,
+                             **kw)
+    got, got_gates = reference_statistics(cells, member, pops, statistics=ALL_STATS,
+                                          quantile=0.9, **kw)
+    assert got_gates == gates and ("C", "IFNg") not in gates
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    a = want.set_index(["population", "marker", "statistic"])["value"]
+    assert 0.05 < a[("A", "IFNg", "frac_pos")] <= 0.1  # strictly above the 90th percentile
 
 
 # ------------------------------------------------------------------------------ matrix

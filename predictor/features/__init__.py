@@ -2,7 +2,7 @@
 
 from predictor.features.cohort import FeatureSet, extract_features
 from predictor.features.matrix import META_COLUMNS, build_matrix, feature_name
-from predictor.features.stats import positivity_thresholds, sample_statistics
+from predictor.features.stats import positivity_thresholds, reference_statistics, sample_statistics
 
 __all__ = [
     "FeatureSet",
@@ -11,5 +11,6 @@ __all__ = [
     "feature_name",
     "sample_statistics",
     "positivity_thresholds",
+    "reference_statistics",
     "META_COLUMNS",
 ]

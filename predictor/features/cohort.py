@@ -26,7 +26,7 @@ from predictor.errors import FeatureError, OutputExistsError
 from predictor.features.cache import SampleCache, file_digest, settings_digest
 from predictor.features.execution import TaskRunner
 from predictor.features.matrix import build_matrix
-from predictor.features.stats import positivity_thresholds, sample_statistics
+from predictor.features.stats import reference_statistics, sample_statistics
 from predictor.io.fcs import read_fcs, read_fcs_header
 from predictor.io.panel import Panel, apply_panel
 from predictor.io.samplesheet import select_samples
@@ -251,16 +251,17 @@ def _pass2(job):
             membership, n_live = gating.apply(cells), None
         pops = population_table(gating, membership, sample_id=sj.sample_id, n_live=n_live)
         data: dict[str, Any] = {"qc": qc}
-        threshold = sj.positivity if sj.positivity is not None else cfg.frac_pos_threshold
         if sj.reference:  # an unstimulated sample is gated by its own quantiles
-            threshold = positivity_thresholds(cells, membership, markers=markers,
-                                              quantile=cfg.frac_pos_quantile,
-                                              min_cells=cfg.min_cells, cofactors=cof)
+            stats, threshold = reference_statistics(
+                cells, membership, pops, markers=markers, statistics=cfg.statistics,
+                quantile=cfg.frac_pos_quantile, min_cells=cfg.min_cells, cofactors=cof)
             data["positivity"] = [[p, m, v] for (p, m), v in threshold.items()]
-        stats = sample_statistics(
-            cells, membership, pops, markers=markers, statistics=cfg.statistics,
-            frac_pos_threshold=threshold, min_cells=cfg.min_cells, cofactors=cof,
-        )
+        else:
+            stats = sample_statistics(
+                cells, membership, pops, markers=markers, statistics=cfg.statistics,
+                frac_pos_threshold=sj.positivity if sj.positivity is not None
+                else cfg.frac_pos_threshold, min_cells=cfg.min_cells, cofactors=cof,
+            )
         return {"pops": pops, "stats": stats}, data
 
     def key():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["sample_statistics", "positivity_thresholds"]
+__all__ = ["sample_statistics", "positivity_thresholds", "reference_statistics"]
 
 # A threshold per marker for all populations, or per (population, marker).
 Thresholds = float | Mapping[str, float] | Mapping[tuple[str, str], float]
@@ -55,10 +55,15 @@ def _summarise(
     markers: Sequence[str],
     *,
     min_cells: int,
-    frac_pos_threshold: Thresholds = np.nan,
+    frac_pos_threshold: Thresholds | None = np.nan,
     quantile: float | None = None,
     cofactors: Mapping[str, float] | None = None,
 ) -> _Summary:
+    """Medians, fractions positive and a quantile per population × marker, one sort each.
+
+    ``frac_pos_threshold=None`` with a ``quantile`` cuts each population at its own quantile
+    (an unstimulated sample gated by itself), from the same sort.
+    """
     pops = list(membership.columns)
     shape = (len(pops), len(markers))
     median, frac, qv = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
@@ -72,9 +77,16 @@ def _summarise(
         v = v.astype(np.float64)
         return np.arcsinh(v / cof) if cof is not None else v
 
-    thr = _threshold_matrix(frac_pos_threshold, pops, markers)
-    raw_thr = cof * np.sinh(thr) if cof is not None else thr  # same cut, raw scale
-    cut32 = _float32_below(raw_thr)
+    own = frac_pos_threshold is None
+    if own and quantile is None:
+        raise ValueError("frac_pos_threshold=None needs a quantile to cut at")
+
+    def raw_cut(thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # same cut, raw scale
+        raw = cof * np.sinh(thr) if cof is not None else thr
+        return raw, _float32_below(raw)
+
+    raw_thr, cut32 = raw_cut(_threshold_matrix(np.nan if own else frac_pos_threshold, pops,
+                                               markers))
     for i, p in enumerate(pops):
         at = np.flatnonzero(membership[p].to_numpy())
         n = len(at)
@@ -84,13 +96,15 @@ def _summarise(
         # np.partition's quickselect towards its slow path.
         s = np.sort(np.take(x, at, axis=1), axis=1)
         median[i] = (scale(s[:, (n - 1) // 2]) + scale(s[:, n // 2])) / 2
-        for j in np.flatnonzero(~np.isnan(raw_thr[i])):  # count above t: a binary search
-            frac[i, j] = (n - np.searchsorted(s[j], cut32[i, j], side="right")) / n
         if quantile is not None:
             pos = quantile * (n - 1)  # linear interpolation, as np.quantile
             a = int(np.floor(pos))
             va, vb = scale(s[:, a]), scale(s[:, min(a + 1, n - 1)])
             qv[i] = va + (pos - a) * (vb - va)
+            if own:
+                raw_thr[i], cut32[i] = raw_cut(qv[i])
+        for j in np.flatnonzero(~np.isnan(raw_thr[i])):  # count above t: a binary search
+            frac[i, j] = (n - np.searchsorted(s[j], cut32[i, j], side="right")) / n
     return _Summary(pops, median, frac, qv)
 
 
@@ -131,6 +145,37 @@ def sample_statistics(
         Marker → arcsinh cofactor when ``cells`` are raw; medians and thresholds are still on
         the arcsinh scale (the same numbers, without transforming every event).
     """
+    summary = None
+    if "median" in statistics or "frac_pos" in statistics:
+        summary = _summarise(cells, membership, markers, min_cells=min_cells,
+                             frac_pos_threshold=frac_pos_threshold, cofactors=cofactors)
+    return _statistics_frame(populations, summary, markers, statistics)
+
+
+def reference_statistics(
+    cells: pd.DataFrame,
+    membership: pd.DataFrame,
+    populations: pd.DataFrame,
+    *,
+    markers: Sequence[str],
+    statistics: Sequence[str],
+    quantile: float,
+    min_cells: int,
+    cofactors: Mapping[str, float] | None = None,
+) -> tuple[pd.DataFrame, dict[tuple[str, str], float]]:
+    """Statistics of an unstimulated sample gated by its own quantiles, and those gates.
+
+    The same as :func:`positivity_thresholds` followed by :func:`sample_statistics` with
+    them, from one sort of each population's values instead of two.
+    """
+    summary = _summarise(cells, membership, markers, min_cells=min_cells,
+                         frac_pos_threshold=None, quantile=quantile, cofactors=cofactors)
+    return (_statistics_frame(populations, summary, markers, statistics),
+            _thresholds(summary, markers))
+
+
+def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
+                      markers: Sequence[str], statistics: Sequence[str]) -> pd.DataFrame:
     frames = []
     pop = populations.set_index("population")
     for stat in ("count", "pct_parent", "pct_live"):
@@ -139,8 +184,6 @@ def sample_statistics(
                                         "value": pop[stat].to_numpy(dtype=np.float64)}))
     wanted = [s for s in ("median", "frac_pos") if s in statistics]
     if wanted:
-        summary = _summarise(cells, membership, markers, min_cells=min_cells,
-                             frac_pos_threshold=frac_pos_threshold, cofactors=cofactors)
         n_p, n_m = len(summary.populations), len(markers)
         for stat in wanted:
             values = summary.median if stat == "median" else summary.frac_pos
@@ -178,6 +221,10 @@ def positivity_thresholds(
     """
     summary = _summarise(cells, membership, markers, min_cells=min_cells, quantile=quantile,
                          cofactors=cofactors)
+    return _thresholds(summary, markers)
+
+
+def _thresholds(summary: _Summary, markers: Sequence[str]) -> dict[tuple[str, str], float]:
     return {
         (p, m): float(summary.quantile[i, j])
         for i, p in enumerate(summary.populations)
