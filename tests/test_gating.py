@@ -483,6 +483,41 @@ def test_batch_without_a_valley_falls_back_to_the_pooled_threshold() -> None:
     assert g.batch_thresholds["B2"]["A1"]["Y"] == g.thresholds["A1"]["Y"]
 
 
+def test_valley_floor_and_nearest_valley() -> None:
+    """Three modes: exact zeros, dim cells (0.9) and bright ones (3.0): two valleys."""
+    rng = np.random.default_rng(5)
+    v = np.r_[np.zeros(3000), rng.normal(0.9, 0.15, 3000), rng.normal(3.0, 0.3, 2000)]
+    assert valley_threshold(v, near=0.0)[0] < 0.6  # the zeros / dim dip
+    assert 1.4 < valley_threshold(v, near=2.0)[0] < 2.4
+    assert 1.4 < valley_threshold(v, near=0.0, floor=0.5)[0] < 2.4  # the dip is not a gate
+    only_dip = np.r_[np.zeros(3000), rng.normal(0.9, 0.15, 3000)]
+    assert valley_threshold(only_dip)[0] < 0.6
+    assert np.isnan(valley_threshold(only_dip, floor=0.5)[0])
+
+
+def test_batch_gate_is_never_the_dip_above_zeros() -> None:
+    """A batch whose CD127lo-like parent shows only the dip between a marker's zeros and its
+    dim cells keeps the pooled gate (it used to take the dip, ~0.2: most Tregs lost)."""
+    rng = np.random.default_rng(8)
+
+    def sample(n: int, with_bright: bool) -> pd.DataFrame:
+        x = np.r_[np.zeros(n // 2), np.full(n // 2, 4.0)] + rng.normal(0, 0.3, n)
+        k = n // 2
+        y = np.where(rng.random(k) < 0.4, 0.0, rng.normal(0.9, 0.15, k))  # zeros + dim
+        if with_bright:
+            y[: k // 3] = rng.normal(3.0, 0.3, k // 3)
+        return pd.DataFrame({"X": x, "Y": np.r_[rng.normal(0, 0.3, n - k), y]})
+
+    cells = [sample(3000, True), sample(3000, True), sample(3000, False)]
+    t = template(("A", "root", "X+"), ("A1", "A", "Y+"))
+    g = fit_gating(cells, t, batches=["B1", "B1", "B2"])
+    pooled = g.thresholds["A1"]["Y"]
+    assert g.methods["A1"]["Y"] == "valley" and 1.4 < pooled < 2.4
+    assert g.batch_thresholds["B2"]["A1"]["Y"] == pooled
+    assert g.batch_methods["B2"]["A1"]["Y"] == "pooled"
+    assert 1.4 < g.batch_thresholds["B1"]["A1"]["Y"] < 2.4
+
+
 @pytest.mark.parametrize(
     ("batches", "message"),
     [(["B1"], "one batch label per sample \\(2\\). Got 1 labels"),

@@ -50,6 +50,9 @@ _POS = ("++", "+", "hi", "bright", "high", "pos")
 _NEG = ("-", "lo", "dim", "low", "neg")
 _RELATIVE = ("++", "hi", "bright", "high", "lo", "dim", "low")  # levels within the parent
 DEFAULT_THRESHOLD = 1.5  # arcsinh(x/5) units: the last resort when no density has a valley
+# No gate lies below this (arcsinh(x/5) units, ~2.6 counts): a dip there is the one between a
+# marker's zeros and its dimmest cells, not a boundary between populations.
+MIN_GATE = 0.5
 _TERM = re.compile(r"^(?P<opt>\?)?(?P<body>.+)$")
 
 
@@ -241,6 +244,8 @@ def valley_threshold(
     min_separation: float = 0.5,
     min_effectiveness: float = 0.0,
     bandwidth: float | None = None,
+    near: float | None = None,
+    floor: float = -math.inf,
 ) -> tuple[float, float]:
     """Threshold at the density valley between two modes, or NaN when there is none.
 
@@ -256,7 +261,7 @@ def valley_threshold(
     - the split explains ``min_effectiveness`` of the variance (Otsu's criterion; 0: off).
 
     Among real valleys the one with the largest between-class variance (Otsu's criterion) is
-    chosen. The cut is placed where a two-Gaussian fit of the two modes' cells makes a cell
+    chosen, or with ``near`` the one closest to it (a batch refitting a pooled threshold). The cut is placed where a two-Gaussian fit of the two modes' cells makes a cell
     equally likely to belong to either — a diffuse small population (``CD127lo`` Tregs) leaves
     a long flat valley whose lowest point is arbitrary — as long as that point is still in
     the valley; otherwise at the valley's lowest point (the middle of an empty gap).
@@ -271,6 +276,10 @@ def valley_threshold(
     bandwidth : float, optional
         Smoothing SD in the values' units (default: Silverman's rule on the robust spread,
         clipped to 0.06–0.25).
+    near : float, optional
+        Choose the real valley closest to this value instead of the most separating one.
+    floor : float, optional
+        Valleys below this are not considered.
 
     Returns
     -------
@@ -298,6 +307,8 @@ def valley_threshold(
             if (b - a) * d.step < min_separation:
                 continue
             vi = valley_center(d.values, int(a), int(b))
+            if d.centers[vi] < floor:
+                continue
             low_peak = min(d.values[a], d.values[b])
             depth = d.values[vi] / low_peak
             z = (low_peak - d.values[vi]) / math.sqrt((low_peak + d.values[vi]) / per_unit)
@@ -308,8 +319,9 @@ def valley_threshold(
             between = w0 * w1 / total * (first[vi] / w0 - (total_sum - first[vi]) / w1) ** 2
             if var_total > 0 and between / var_total < min_effectiveness:
                 continue
-            if best is None or between > best[0]:
-                best = (between, float(d.centers[vi]), float(depth), int(a), int(b), vi)
+            score = between if near is None else -abs(float(d.centers[vi]) - near)
+            if best is None or score > best[0]:
+                best = (score, float(d.centers[vi]), float(depth), int(a), int(b), vi)
     if best is None:
         return float("nan"), float("nan")
     _, t, depth, a, b, vi = best
@@ -616,29 +628,32 @@ def _fit_thresholds(
     a valley too → (``+``/``-``) valley on all cells of the batch → the pooled threshold.
     """
     cols = _Columns(x)
-    root_cache: dict[str, float] = {}
+    root_cache: dict[tuple[str, float | None], float] = {}
     found_cache: dict[tuple, tuple[float, str]] = {}
 
-    def valley(values: np.ndarray) -> float:
-        return valley_threshold(values, min_effectiveness=min_effectiveness)[0]
+    def valley(values: np.ndarray, near: float | None = None) -> float:
+        # a batch's valley is the pooled one moved by the batch's drift: the closest one
+        return valley_threshold(values, min_effectiveness=min_effectiveness, near=near,
+                                floor=MIN_GATE)[0]
 
-    def root_valley(m: str) -> float:
-        if m not in root_cache:
-            root_cache[m] = valley(cols.col(m))
-        return root_cache[m]
+    def root_valley(m: str, near: float | None = None) -> float:
+        if (m, near) not in root_cache:
+            root_cache[m, near] = valley(cols.col(m), near)
+        return root_cache[m, near]
 
     def find(pop: str, m: str, rel: bool, mask: np.ndarray, is_root: bool, key: tuple):
         if key in found_cache:
             return found_cache[key]
         values = cols.col(m) if is_root else cols.col(m)[mask]
         enough = values.size >= min_cells
-        t = (root_valley(m) if is_root else valley(values)) if enough else float("nan")
+        near = pooled[pop][m] if pooled is not None else None
+        t = (root_valley(m, near) if is_root else valley(values, near)) if enough else float("nan")
         if np.isfinite(t):
             found = (t, "root valley" if is_root else "valley")
         elif pooled is not None:
             p_method = (pooled_methods or {}).get(pop, {}).get(m, "")
-            if enough and not rel and p_method != "valley" and np.isfinite(root_valley(m)):
-                found = (root_valley(m), "root valley")
+            if enough and not rel and p_method != "valley" and np.isfinite(root_valley(m, near)):
+                found = (root_valley(m, near), "root valley")
             else:
                 found = (pooled[pop][m], "pooled")
         elif rel and enough and np.isfinite(s := _shoulder_threshold(values)):
