@@ -16,6 +16,10 @@ import pandas as pd
 
 __all__ = ["sample_statistics", "positivity_thresholds", "reference_statistics"]
 
+# Statistics summarised from each population's sorted values (the others come from the
+# population table).
+_SORTED_STATS = ("median", "frac_pos")
+
 # A threshold per marker for all populations, or per (population, marker).
 Thresholds = float | Mapping[str, float] | Mapping[tuple[str, str], float]
 
@@ -146,7 +150,7 @@ def sample_statistics(
         the arcsinh scale (the same numbers, without transforming every event).
     """
     summary = None
-    if "median" in statistics or "frac_pos" in statistics:
+    if any(s in statistics for s in _SORTED_STATS):
         summary = _summarise(cells, membership, markers, min_cells=min_cells,
                              frac_pos_threshold=frac_pos_threshold, cofactors=cofactors)
     return _statistics_frame(populations, summary, markers, statistics)
@@ -182,7 +186,7 @@ def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
         if stat in statistics:
             frames.append(pd.DataFrame({"population": pop.index, "marker": "", "statistic": stat,
                                         "value": pop[stat].to_numpy(dtype=np.float64)}))
-    wanted = [s for s in ("median", "frac_pos") if s in statistics]
+    wanted = [s for s in _SORTED_STATS if s in statistics]
     if wanted:
         n_p, n_m = len(summary.populations), len(markers)
         for stat in wanted:

@@ -4,7 +4,8 @@ A :class:`GatingTemplate` is a hierarchy of populations with marker rules (see
 ``pbmc.yaml``). :func:`fit_gating` resolves it against a panel's markers and finds each rule
 threshold on the *parent* population's cells pooled over samples (and, when batches are given,
 once more per batch): the valley of the marker's smoothed density between two modes
-(:func:`valley_threshold`). When the parent shows no valley the threshold falls back, in
+(:func:`valley_threshold`; a batch takes the valley closest to the pooled one, and no gate
+lies below :data:`MIN_GATE`). When the parent shows no valley the threshold falls back, in
 order, to the valley on all live cells and to a fixed arcsinh default (``+``/``-`` terms), or
 to the edge of the parent's main mode (relative levels such as ``bright``/``dim``). The
 resulting :class:`Gating` is frozen (saved with a model, JSON only) and applied unchanged to
@@ -261,7 +262,8 @@ def valley_threshold(
     - the split explains ``min_effectiveness`` of the variance (Otsu's criterion; 0: off).
 
     Among real valleys the one with the largest between-class variance (Otsu's criterion) is
-    chosen, or with ``near`` the one closest to it (a batch refitting a pooled threshold). The cut is placed where a two-Gaussian fit of the two modes' cells makes a cell
+    chosen, or with ``near`` the one closest to it (a batch refitting a pooled threshold).
+    The cut is placed where a two-Gaussian fit of the two modes' cells makes a cell
     equally likely to belong to either — a diffuse small population (``CD127lo`` Tregs) leaves
     a long flat valley whose lowest point is arbitrary — as long as that point is still in
     the valley; otherwise at the valley's lowest point (the middle of an empty gap).
