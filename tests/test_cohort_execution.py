@@ -224,3 +224,27 @@ def test_cli_features_with_unstim_positivity_and_a_bad_reference(tiny, tmp_path,
     assert ("The 'frac_pos_reference' parameter of [features] must be one of fixed, unstim. "
             "Got 'unstimulated' instead.") in err
     assert not (tmp_path / "g").exists()
+
+
+def _square(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative job {x}")
+    return x * x
+
+
+def test_task_runner_pool_returns_every_job_once_and_raises_errors():
+    from predictor.features.execution import TaskRunner
+
+    jobs = list(range(40))
+    with TaskRunner(n_jobs=2) as runner:
+        # While the workers start, this process takes jobs itself, from the back.
+        assert sorted(runner.map(_square, jobs)) == [x * x for x in jobs]
+        pool = runner._pool
+        runner._starting.join()  # workers up: the next maps run on them
+        assert sorted(runner.map(_square, jobs)) == [x * x for x in jobs]
+        assert runner._pool is pool  # one pool serves every map
+        with pytest.raises(ValueError, match="negative job -3"):
+            list(runner.map(_square, [1, 2, -3, 4]))
+    with TaskRunner(n_jobs=2) as runner:  # the failing job is the first one run here
+        with pytest.raises(ValueError, match="negative job -1"):
+            list(runner.map(_square, [*range(10), -1]))

@@ -6,6 +6,8 @@ worker holds one sample at a time, so memory stays bounded to a few samples per 
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -44,6 +46,7 @@ class TaskRunner:
         self.n_jobs, self.scheduler = n_jobs, scheduler
         self._pool: ProcessPoolExecutor | None = None
         self._client = None
+        self._starting: threading.Thread | None = None
 
     def __enter__(self) -> TaskRunner:
         return self
@@ -69,9 +72,23 @@ class TaskRunner:
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=_context(fn))
-        futures = [self._pool.submit(fn, job) for job in jobs]
+            # Starting workers blocks until the forkserver has imported the task's module
+            # (~2 s): a thread waits for that while this process takes jobs itself.
+            self._starting = threading.Thread(target=self._pool.submit, args=(os.getpid,),
+                                              daemon=True)
+            self._starting.start()
+        yield from _progress(self._pool_map(fn, list(jobs)), len(jobs), progress)
+
+    def _pool_map(self, fn: Callable[[Any], Any], jobs: list[Any]) -> Iterator[Any]:
+        """Jobs on the pool; until its workers are up, this process works through jobs
+        from the back of the list."""
+        end = len(jobs)
+        while end > 0 and self._starting.is_alive():
+            end -= 1
+            yield fn(jobs[end])
+        futures = [self._pool.submit(fn, job) for job in jobs[:end]]
         try:
-            for fut in _progress(as_completed(futures), len(futures), progress):
+            for fut in as_completed(futures):
                 yield fut.result()
         finally:
             for fut in futures:
