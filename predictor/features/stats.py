@@ -180,33 +180,33 @@ def reference_statistics(
 
 def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
                       markers: Sequence[str], statistics: Sequence[str]) -> pd.DataFrame:
-    frames = []
+    """The long rows: counts and frequencies (one block per statistic, populations in table
+    order), then per population its medians and its fractions positive, marker by marker."""
     pop = populations.set_index("population")
+    names, marks, stats, values = [], [], [], []
     for stat in ("count", "pct_parent", "pct_live"):
         if stat in statistics:
-            frames.append(pd.DataFrame({"population": pop.index, "marker": "", "statistic": stat,
-                                        "value": pop[stat].to_numpy(dtype=np.float64)}))
+            names.append(pop.index.to_numpy(dtype=object))
+            marks.append(np.full(len(pop), "", dtype=object))
+            stats.append(np.full(len(pop), stat, dtype=object))
+            values.append(pop[stat].to_numpy(dtype=np.float64))
     wanted = [s for s in _SORTED_STATS if s in statistics]
     if wanted:
-        n_p, n_m = len(summary.populations), len(markers)
-        for stat in wanted:
-            values = summary.median if stat == "median" else summary.frac_pos
-            frames.append(pd.DataFrame({
-                "population": np.repeat(summary.populations, n_m).astype(object),
-                "marker": np.tile(np.asarray(markers, dtype=object), n_p),
-                "statistic": stat,
-                "value": values.reshape(-1),
-            }))
-    if not frames:
+        n_m = len(markers)
+        at = {p: i for i, p in enumerate(pop.index)}  # table order; others after, as given
+        order = sorted(range(len(summary.populations)),
+                       key=lambda i: at.get(summary.populations[i], len(at)))
+        n_p = len(order)
+        names.append(np.repeat(np.asarray(summary.populations, dtype=object)[order],
+                               len(wanted) * n_m))
+        marks.append(np.tile(np.asarray(markers, dtype=object), n_p * len(wanted)))
+        stats.append(np.tile(np.repeat(np.asarray(wanted, dtype=object), n_m), n_p))
+        per_stat = [getattr(summary, stat)[order] for stat in wanted]  # each n_p × n_m
+        values.append(np.stack(per_stat, axis=1).reshape(-1).astype(np.float64))
+    if not names:
         return pd.DataFrame(columns=["population", "marker", "statistic", "value"])
-    out = pd.concat(frames, ignore_index=True)
-    # Rows grouped per population as (median markers..., frac_pos markers...) for each.
-    order = {"count": 0, "pct_parent": 1, "pct_live": 2}
-    if wanted:
-        out["_k"] = out["statistic"].map(lambda s: order.get(s, 3))
-        out["_p"] = out["population"].map({p: i for i, p in enumerate(pop.index)})
-        out = out.sort_values(["_k", "_p"], kind="stable").drop(columns=["_k", "_p"])
-    return out.reset_index(drop=True)
+    return pd.DataFrame({"population": np.concatenate(names), "marker": np.concatenate(marks),
+                         "statistic": np.concatenate(stats), "value": np.concatenate(values)})
 
 
 def positivity_thresholds(

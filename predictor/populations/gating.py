@@ -851,20 +851,14 @@ def population_table(gating: Any, membership: pd.DataFrame, *, sample_id: str,
     every row is a live cell.
     """
     n_live = len(membership) if n_live is None else int(n_live)
-    counts = membership.sum(axis=0).astype(int)
-    rows = []
-    for name in membership.columns:
-        parent = gating.parent(name)
-        n_parent = n_live if parent == ROOT else int(counts[parent])
-        c = int(counts[name])
-        rows.append(
-            {
-                "sample_id": sample_id,
-                "population": name,
-                "parent": parent,
-                "count": c,
-                "pct_parent": 100.0 * c / n_parent if n_parent else np.nan,
-                "pct_live": 100.0 * c / n_live if n_live else np.nan,
-            }
-        )
-    return pd.DataFrame(rows)
+    names = list(membership.columns)
+    counts = dict(zip(names, np.count_nonzero(membership.to_numpy(), axis=0).tolist(),
+                      strict=True))
+    parents = [gating.parent(name) for name in names]
+    count = np.array([counts[name] for name in names], dtype=np.int64)
+    n_parent = np.array([n_live if q == ROOT else counts[q] for q in parents], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct_parent = np.where(n_parent > 0, 100.0 * count / n_parent, np.nan)
+        pct_live = 100.0 * count / n_live if n_live else np.full(len(names), np.nan)
+    return pd.DataFrame({"sample_id": sample_id, "population": names, "parent": parents,
+                         "count": count, "pct_parent": pct_parent, "pct_live": pct_live})
