@@ -332,8 +332,13 @@ def kept_cells(cells: pd.DataFrame, panel: Panel, rows: np.ndarray, *, transform
     arcsinh-transformed unless ``transformed=False``, with a fresh index."""
     roles = dict(zip(panel.table["marker"], panel.table["role"], strict=True))
     markers = [c for c in cells.columns if roles.get(c) in ("lineage", "functional")]
-    out = pd.DataFrame(_select_rows(cells, markers, rows).T, columns=markers, copy=False)
-    return transform(out, panel) if transformed else out
+    block = _select_rows(cells, markers, rows)  # markers × kept cells, a fresh copy
+    if transformed:  # in place, row by row: as transform() does, without a frame per column
+        cof = panel.cofactors()  # validated (> 0) when the panel was read
+        for r, m in enumerate(markers):
+            np.divide(block[r], np.float32(cof[m]), out=block[r])
+            np.arcsinh(block[r], out=block[r])
+    return pd.DataFrame(block.T, columns=markers, copy=False)
 
 
 def _select_rows(cells: pd.DataFrame, columns: list[str], keep: np.ndarray) -> np.ndarray:

@@ -255,6 +255,10 @@ def test_cleanup_raw_cells_and_mask_agree_with_transformed() -> None:
     sub = kept_cells(cells, _panel(), some)
     np.testing.assert_allclose(sub["CD3"].to_numpy(),
                                np.arcsinh(cells.loc[some, "CD3"].to_numpy() / 5), rtol=1e-6)
+    # Transformed in place, it equals transform() of the raw rows, bit for bit.
+    raw_sub = kept_cells(cells, _panel(), some, transformed=False)
+    pd.testing.assert_frame_equal(sub, transform(raw_sub, _panel()))
+    assert sub.dtypes.eq(np.float32).all() and list(sub.columns) == list(raw_sub.columns)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
