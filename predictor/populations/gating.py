@@ -213,14 +213,18 @@ def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
     n = v.size
     if n < _MIN_VALUES:
         return None
-    # one partition for all four quantiles: the same order statistics as separate calls
-    lo, hi, q25, q75 = np.quantile(v, [0.001, 0.999, 0.25, 0.75])
+    # One sort serves the quantiles (np.quantile of sorted values: the same numbers, about
+    # twice as fast as its partition on CyTOF's tied values), the distinct values and the
+    # histogram.
+    s = np.sort(v)
+    lo, hi, q25, q75 = np.quantile(s, [0.001, 0.999, 0.25, 0.75])
     if not hi - lo > 1e-6:
         return None
     if bandwidth is None:
         spread = min(float(v.std()), float(q75 - q25) / 1.349) or float(v.std())
         bandwidth = float(np.clip(0.9 * spread * n ** -0.2, 0.06, 0.25))
-        core = np.unique(v[(v >= lo) & (v <= hi)])
+        core = s[np.searchsorted(s, lo, side="left"):np.searchsorted(s, hi, side="right")]
+        core = core[np.concatenate(([True], core[1:] != core[:-1]))]  # np.unique of sorted
         if core.size < n / 4 and core.size > 1:  # discrete values: smooth over their spacing
             bandwidth = max(bandwidth, 0.6 * float(np.diff(core).max(initial=0.0)))
             bandwidth = min(bandwidth, (hi - lo) / 4)
@@ -230,7 +234,10 @@ def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
     if n_bins > 2048:
         n_bins, step = 2048, (hi - lo + 2 * pad) / 2048
     edges = lo - pad + step * np.arange(n_bins + 1)
-    counts, _ = np.histogram(v, bins=edges)
+    # np.histogram's bins: [a, b) except the last, [a, b]
+    at = np.searchsorted(s, edges, side="left")
+    at[-1] = np.searchsorted(s, edges[-1], side="right")
+    counts = np.diff(at)
     sigma = bandwidth / step
     values = gaussian_filter1d(counts.astype(np.float64), sigma, mode="constant")
     return _Density((edges[:-1] + edges[1:]) / 2, values, counts, float(step), float(sigma))
