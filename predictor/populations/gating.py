@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -799,12 +800,17 @@ def fit_gating(
     per_batch: dict[str, dict[str, dict[str, float]]] = {}
     per_batch_methods: dict[str, dict[str, dict[str, str]]] = {}
     if labels is not None:
-        for b in dict.fromkeys(labels):
+        def refit(b: str):
             x = pd.concat([p for p, lab in zip(parts, labels, strict=True) if lab == b],
                           ignore_index=True)
-            per_batch[b], per_batch_methods[b] = _fit_thresholds(
-                x, template, resolved, relative, fixed, pooled=fitted, pooled_methods=methods,
-                **options)
+            return _fit_thresholds(x, template, resolved, relative, fixed, pooled=fitted,
+                                   pooled_methods=methods, **options)
+
+        # Batches are independent; threads overlap their sorts (numpy releases the GIL).
+        names = list(dict.fromkeys(labels))
+        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+            for b, (fit, how) in zip(names, pool.map(refit, names), strict=True):
+                per_batch[b], per_batch_methods[b] = fit, how
     return Gating(template, resolved, fitted, skipped, tuple(used), per_batch, methods,
                   per_batch_methods)
 
