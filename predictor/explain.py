@@ -14,6 +14,13 @@ Clinical covariates among the model's inputs (``[model] covariates``, metadata c
 sums leave them out, and the level ``"covariate"`` groups them per clinical column instead
 (the report shows them as the group "clinical covariates").
 
+Nested gates often read the same signal: a parent and its dominant child (NK and CD56dim NK,
+Monocytes and Classical mono) give features that agree across patients, and the model credits
+either one. At the population level, a child's feature whose readout matches its parent's
+(same marker, statistic and contrast; |Spearman ρ| ≥ :data:`SAME_READOUT_RHO` across the
+patients) counts for the parent, the coarser gate the data cannot tell apart from it; the
+table of these is :attr:`Explanations.same_readouts`. Per-feature values never change.
+
 Sources, best first:
 
 - ``oof_shap.csv`` in the bundle (index patient_id, one column per feature): out-of-fold SHAP
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COVARIATE_LEVEL",
     "LEVELS",
+    "SAME_READOUT_RHO",
     "Explanations",
     "aggregate_shap",
     "describe_driver",
@@ -56,6 +64,7 @@ __all__ = [
     "interaction_pairs",
     "interaction_values",
     "parse_feature_name",
+    "same_readouts",
     "shap_values",
     "to_explanation",
     "top_drivers",
@@ -66,6 +75,13 @@ LEVELS = ("population", "marker", "statistic", "condition", "timepoint", "contra
 #: The level that groups the clinical covariates per clinical column (not one of LEVELS).
 COVARIATE_LEVEL = "covariate"
 META = (*META_COLUMNS, "covariate")
+#: A child gate's feature this correlated with its ancestor's same readout (|Spearman ρ| over
+#: patients) is credited to the ancestor at the population level.
+SAME_READOUT_RHO = 0.9
+# Statistics that read the same in a population and its parent (pct_parent does not: each is
+# a share of a different parent).
+_SHARED_STATISTICS = ("count", "pct_live", "median", "frac_pos")
+_MIN_PAIRS = 10  # patients with both values, for a correlation
 _STAT_CODE = {label: code for code, label in STAT_LABELS.items()}  # label in names → code
 _STAT_WORDS = {"count": "cell count", "pct_parent": "% of parent", "pct_live": "% of live cells",
                "median": "median level", "frac_pos": "fraction positive"}
@@ -256,6 +272,49 @@ def aggregate_shap(values: pd.DataFrame, meta: pd.DataFrame, *, by: str = "popul
     return values[list(groups.index)].T.groupby(groups.to_numpy()).sum().T
 
 
+def same_readouts(meta: pd.DataFrame, data: pd.DataFrame, parents: Mapping[str, str], *,
+                  rho: float = SAME_READOUT_RHO) -> pd.DataFrame:
+    """Child-gate features that read the same signal as an ancestor's feature.
+
+    For each cytometry feature (statistics count, % live, median, fraction positive) of a
+    population, its ancestors (``parents``: population → parent) are searched for the feature
+    with the same marker, statistic, condition and timepoint; the highest ancestor whose feature
+    correlates with it at |Spearman ρ| ≥ ``rho`` over the patients (at least 10 with both
+    values) is credited with it.
+
+    Returns
+    -------
+    DataFrame with one row per credited feature: ``feature, population, credited_to, rho``.
+    """
+    cols = ["feature", "population", "credited_to", "rho"]
+    m = meta.reindex(data.columns)
+    m = m[~_covariates(m).to_numpy()].fillna("")
+    m = m[m["statistic"].isin(_SHARED_STATISTICS) & m["population"].isin(list(parents))]
+    if m.empty:
+        return pd.DataFrame(columns=cols)
+    key = list(zip(m["marker"], m["statistic"], m["condition"], m["timepoint"], strict=True))
+    by_readout = {(pop, k): f for f, pop, k in zip(m.index, m["population"], key, strict=True)}
+    ranks = data[list(m.index)].rank()
+    rows = []
+    for f, pop, k in zip(m.index, m["population"], key, strict=True):
+        credited, best, seen = None, np.nan, {pop}
+        q = parents.get(pop)
+        while q in parents and q not in seen:  # up the lineage, to the top gate
+            seen.add(q)
+            g = by_readout.get((q, k))
+            if g is not None:
+                a, b = ranks[f], ranks[g]
+                ok = a.notna() & b.notna()
+                if ok.sum() >= _MIN_PAIRS and a[ok].std() > 0 and b[ok].std() > 0:
+                    r = float(np.corrcoef(a[ok], b[ok])[0, 1])
+                    if abs(r) >= rho:
+                        credited, best = q, r
+            q = parents.get(q)
+        if credited is not None:
+            rows.append((f, pop, credited, best))
+    return pd.DataFrame(rows, columns=cols)
+
+
 def importance(values: pd.DataFrame) -> pd.Series:
     """Global importance: mean |SHAP| per column, largest first."""
     return values.abs().mean(axis=0).sort_values(ascending=False, kind="stable")
@@ -332,6 +391,9 @@ class Explanations:
         Per-fold mean |SHAP| (``repeat, fold, feature, mean_abs_shap``) or None.
     k
         Top-k of the stability frequency.
+    same_readouts
+        Child-gate features credited to an ancestor at the population level
+        (:func:`same_readouts`), or None.
     """
 
     values: pd.DataFrame
@@ -343,10 +405,22 @@ class Explanations:
     interaction_names: list[str] = field(default_factory=list)
     fold_importance: pd.DataFrame | None = None
     k: int = 5
+    same_readouts: pd.DataFrame | None = None
+
+    @property
+    def group_meta(self) -> pd.DataFrame:
+        """The metadata features are grouped by: each feature in :attr:`same_readouts` belongs
+        to the population credited with it."""
+        if self.same_readouts is None or self.same_readouts.empty:
+            return self.meta
+        meta = self.meta.copy()
+        credited = self.same_readouts.set_index("feature")["credited_to"]
+        meta.loc[credited.index, "population"] = credited.to_numpy()
+        return meta
 
     def by(self, level: str = "population") -> pd.DataFrame:
         """Signed SHAP sums per patient and group (patients × groups)."""
-        return aggregate_shap(self.values, self.meta, by=level)
+        return aggregate_shap(self.values, self.group_meta, by=level)
 
     def importance(self, level: str | None = None) -> pd.Series:
         """Global mean |sum of SHAP| per group (per feature when ``level`` is None)."""
@@ -357,9 +431,10 @@ class Explanations:
         if self.fold_importance is None or self.fold_importance.empty:
             return None
         feats = self.fold_importance["feature"].astype(str).unique()
-        extra = [f for f in feats if f not in self.meta.index]
-        meta = pd.concat([self.meta, feature_meta(extra)]) if extra else self.meta
-        groups = list(group_labels(self.meta, level).unique())
+        own = self.group_meta
+        extra = [f for f in feats if f not in own.index]
+        meta = pd.concat([own, feature_meta(extra)]) if extra else own
+        groups = list(group_labels(own, level).unique())
         return fold_stability(self.fold_importance, meta, by=level, k=self.k, groups=groups)
 
     @property
@@ -382,7 +457,7 @@ class Explanations:
         out = []
         for lv in levels:
             sums = self.by(lv)
-            labels = group_labels(self.meta, lv)
+            labels = group_labels(self.group_meta, lv)
             imp = sums.abs().mean(axis=0)
             t = pd.DataFrame({
                 "level": lv,
@@ -428,12 +503,17 @@ class Explanations:
 
 def explain_model(booster: xgb.Booster, X: pd.DataFrame, meta: pd.DataFrame | None = None, *,
                   oof_shap: pd.DataFrame | None = None, fold_importance: pd.DataFrame | None = None,
-                  interactions: bool = True, k: int = 5, baseline: str | None = None) -> Explanations:
+                  interactions: bool = True, k: int = 5, baseline: str | None = None,
+                  parents: Mapping[str, str] | None = None,
+                  same_readout_rho: float | None = SAME_READOUT_RHO) -> Explanations:
     """Explanations of a model on its training patients ``X``.
 
     ``oof_shap`` (patients × features, out-of-fold; an optional ``base_value`` column holds the
     fold models' expected values) replaces the final model's in-sample SHAP values when given;
-    interaction values always come from the final model.
+    interaction values always come from the final model. With ``parents`` (population →
+    parent, from the gating), child-gate features that read the same as an ancestor's are
+    credited to it at the population level (:func:`same_readouts`; ``same_readout_rho=None``
+    credits every feature to its own population).
     """
     names = list(booster.feature_names or X.columns)
     final, base = shap_values(booster, X)
@@ -449,11 +529,17 @@ def explain_model(booster: xgb.Booster, X: pd.DataFrame, meta: pd.DataFrame | No
     if interactions:
         inter, inames, _ = interaction_values(booster, X[names])
     data = X.reindex(index=values.index, columns=values.columns).astype(float)
-    return Explanations(values, base, data, all_meta, source, inter, inames, fold_importance, k)
+    same = None
+    if parents and same_readout_rho is not None:
+        same = same_readouts(all_meta, data, parents, rho=same_readout_rho)
+    return Explanations(values, base, data, all_meta, source, inter, inames, fold_importance, k,
+                        same)
 
 
-def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True) -> Explanations:
-    """Explanations of a bundle's model (out-of-fold SHAP and fold importances when stored)."""
+def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
+                   same_readout_rho: float | None = SAME_READOUT_RHO) -> Explanations:
+    """Explanations of a bundle's model (out-of-fold SHAP and fold importances when stored);
+    the population lineage comes from the bundle's gating."""
     X = bundle.train_features()
     oof = _read_table(bundle.path / "oof_shap.csv", index_col=0)
     if oof is not None:
@@ -464,8 +550,10 @@ def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True) -> 
     if fi is not None and not {"repeat", "fold", "feature", "mean_abs_shap"} <= set(fi.columns):
         fi = None
     baseline = getattr(bundle.feature_config, "baseline", None)
+    parents = {p: bundle.gating.parent(p) for p in bundle.gating.populations}
     return explain_model(bundle.booster, X, bundle.schema, oof_shap=oof, fold_importance=fi,
-                         interactions=interactions, k=k, baseline=baseline)
+                         interactions=interactions, k=k, baseline=baseline, parents=parents,
+                         same_readout_rho=same_readout_rho)
 
 
 def _read_table(path: Path, **kw: Any) -> pd.DataFrame | None:

@@ -19,6 +19,7 @@ from predictor.explain import (
     interaction_pairs,
     interaction_values,
     parse_feature_name,
+    same_readouts,
     shap_values,
     top_drivers,
 )
@@ -274,6 +275,95 @@ def test_fold_stability_counts_top_k_and_ranks() -> None:
     assert st.loc["D", "mean_rank"] == pytest.approx((3.5 + 4 + 3.5) / 3)
     assert st.loc["D", "sd_rank"] == pytest.approx(np.std([3.5, 4, 3.5], ddof=1))
     assert (st["n_folds"] == 3).all()
+
+
+# ------------------------------------------------------------------------------ same readouts
+
+
+def _lineage_case(n: int = 30, seed: int = 0):
+    """Parent P with children C (its near copy) and D (independent), grandchild G of C."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=n)
+    cols = {
+        "P live": base,
+        "C live": base + rng.normal(scale=0.05, size=n),  # the same readout as P's
+        "G live": -base + rng.normal(scale=0.05, size=n),  # mirrors P: |ρ| counts
+        "D live": rng.normal(size=n),  # its own signal
+        "P parent": base,  # % of parent: a share of a different parent in each gate
+        "C parent": base,
+        "C IFNg": base,  # P has no IFNg feature: nothing to match
+        "clinical: arm = IL-7": base,
+    }
+    data = pd.DataFrame(cols, index=[f"P{i:02d}" for i in range(n)])
+    stat = {"live": "pct_live", "parent": "pct_parent", "IFNg": "frac_pos"}
+    rows = {}
+    for name in cols:
+        if name.startswith("clinical"):
+            rows[name] = {"population": "", "marker": "", "statistic": "", "condition": "",
+                          "timepoint": "", "covariate": "arm"}
+            continue
+        pop, what = name.split(" ")
+        rows[name] = {"population": pop, "marker": "IFNg" if what == "IFNg" else "",
+                      "statistic": stat[what], "condition": "unstim", "timepoint": "baseline",
+                      "covariate": ""}
+    meta = pd.DataFrame.from_dict(rows, orient="index")
+    parents = {"P": "root", "C": "P", "G": "C", "D": "P"}
+    return data, meta, parents
+
+
+def test_same_readouts_credit_a_child_gate_to_its_matching_ancestor() -> None:
+    data, meta, parents = _lineage_case()
+    same = same_readouts(meta, data, parents).set_index("feature")
+    assert sorted(same.index) == ["C live", "G live"]  # not D, not % parent, not covariates
+    assert same.loc["C live", "credited_to"] == "P" and same.loc["C live", "rho"] > 0.99
+    # the highest matching ancestor, through C; a mirrored readout matches too
+    assert same.loc["G live", "credited_to"] == "P" and same.loc["G live", "rho"] < -0.99
+    assert same_readouts(meta, data, parents, rho=1.0).empty  # nothing is exactly the same
+    few = same_readouts(meta, data.iloc[:9], parents)  # too few patients for a correlation
+    assert few.empty and list(few.columns) == ["feature", "population", "credited_to", "rho"]
+    holes = data.copy()
+    holes.loc[holes.index[:25], "C live"] = np.nan  # 5 patients with both values left
+    assert "C live" not in set(same_readouts(meta, holes, parents)["feature"])
+
+
+def test_explanations_count_same_readouts_for_the_parent() -> None:
+    data, meta, parents = _lineage_case()
+    rng = np.random.default_rng(1)
+    values = pd.DataFrame(rng.normal(scale=0.2, size=data.shape), index=data.index,
+                          columns=data.columns)
+    same = same_readouts(meta, data, parents)
+    from predictor.explain import Explanations
+
+    fi = pd.DataFrame({"repeat": 0, "fold": np.repeat([0, 1], len(values.columns)),
+                       "feature": list(values.columns) * 2,
+                       "mean_abs_shap": np.tile(values.abs().mean().to_numpy(), 2)})
+    ex = Explanations(values, 0.0, data, meta, "out-of-fold", fold_importance=fi,
+                      same_readouts=same)
+    plain = Explanations(values, 0.0, data, meta, "out-of-fold", fold_importance=fi)
+    by_pop = ex.by("population")
+    assert sorted(by_pop.columns) == ["C", "D", "P"]  # G's only feature counts for P
+    np.testing.assert_allclose(by_pop["P"], values[["P live", "P parent", "C live", "G live"]].sum(axis=1))
+    np.testing.assert_allclose(by_pop["C"], values[["C parent", "C IFNg"]].sum(axis=1))
+    np.testing.assert_allclose(by_pop.sum(axis=1), plain.by("population").sum(axis=1))  # additivity
+    frame = ex.frame("population").set_index("group")
+    assert frame.loc["P", "n_features"] == 4 and frame["n_features"].sum() == 7
+    assert frame.loc["P", "mean_abs_shap"] == pytest.approx(by_pop["P"].abs().mean())
+    assert sorted(ex.stability("population").index) == ["C", "D", "P"]  # folds grouped alike
+    assert ex.by("marker").equals(plain.by("marker"))  # other levels are untouched
+    assert ex.meta.loc["C live", "population"] == "C"  # features keep their own metadata
+
+
+def test_explain_model_finds_same_readouts_from_the_lineage(model_parts) -> None:
+    booster, X, meta = model_parts["booster"], model_parts["features"], model_parts["meta"]
+    pops = [p for p in meta["population"].unique() if p]
+    parents = {p: "root" for p in pops}
+    parents[pops[1]] = pops[0]  # pretend the second population is gated inside the first
+    ex = explain_model(booster, X, meta, interactions=False, parents=parents)
+    want = same_readouts(ex.meta, ex.data, parents)
+    pd.testing.assert_frame_equal(ex.same_readouts, want)
+    off = explain_model(booster, X, meta, interactions=False, parents=parents,
+                        same_readout_rho=None)
+    assert off.same_readouts is None and off.group_meta is off.meta
 
 
 # ------------------------------------------------------------------------------ the result object

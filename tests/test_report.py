@@ -213,44 +213,45 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     truth.json plants 5 driver populations (CD4 T, CD8 T, Monocytes, NK, Treg) among the 20
     gated ones. Measured with out-of-fold SHAP (default model, 5-fold × 2 CV, seed = cohort
     seed) on simulated cohorts of 1500 cells per sample, with the treatment arm as a clinical
-    covariate (the demo's setting: an input every booster fits first, ranked apart):
+    covariate (the demo's setting), and a child gate's feature counted for its parent when
+    the two read the same (same marker, statistic and contrast, |Spearman ρ| ≥ 0.9 over the
+    patients; 27–45 of ~2400 features per cohort). "own gate" counts every feature for its
+    own population (``same_readout_rho=None``), as before:
 
-    ========  =====  ========  ========  ==================  =====
-    patients  seed   recall@5  recall@8  drivers' mean rank  AUROC
-    ========  =====  ========  ========  ==================  =====
-    40        0      0.4       0.4       8.6                 0.91
-    40        1      0.6       0.8       5.8                 0.86
-    40        2      0.4       0.6       7.4                 0.80
-    40        3      0.2       0.6       8.2                 0.80
-    40        6      0.2       0.8       7.0                 0.82
-    40        7      0.2       0.4       9.0                 0.74
-    40        8      0.4       0.6       6.8                 0.74
-    40        9      0.4       0.4       7.8                 0.80
-    60        4      0.6       0.8       4.8                 0.63
-    60        5      0.2       0.8       6.6                 0.70
-    mean of 10       0.36      0.62      7.2                 0.78
+    ========  =====  ========  ========  ==================  =====  ======================
+    patients  seed   recall@5  recall@8  drivers' mean rank  AUROC  own gate (@5, @8, rank)
+    ========  =====  ========  ========  ==================  =====  ======================
+    40        0      0.4       0.4       7.4                 0.91   0.4, 0.4, 8.6
+    40        1      0.6       0.8       6.0                 0.86   0.6, 0.8, 5.8
+    40        2      0.4       0.6       6.6                 0.80   0.4, 0.6, 7.4
+    40        3      0.4       0.6       8.0                 0.80   0.2, 0.6, 8.2
+    40        6      0.4       0.8       6.0                 0.82   0.2, 0.8, 7.0
+    40        7      0.4       0.8       6.8                 0.74   0.2, 0.4, 9.0
+    40        8      0.6       0.6       6.8                 0.74   0.4, 0.6, 6.8
+    40        9      0.8       1.0       3.8                 0.80   0.4, 0.4, 7.8
+    60        4      0.8       0.8       4.0                 0.63   0.6, 0.8, 4.8
+    60        5      0.4       1.0       5.0                 0.70   0.2, 0.8, 6.6
+    mean of 10       0.52      0.74      6.0                 0.78   0.36, 0.62, 7.2
     chance           0.25      0.40      10.5
-    ========  =====  ========  ========  ==================  =====
+    ========  =====  ========  ========  ==================  =====  ======================
 
-    The drivers rank above chance on average, but not reliably at the very top. The features
-    are right: in these cohorts each driver's gated feature tracks its truth.json value at
-    Spearman r ≥ 0.977 (since batch gates no longer fall into the dip above a marker's zeros,
-    which had cost one 120-patient cohort most of a batch's Tregs, r = 0.48). What limits the
-    ranking is what 40 patients can show. Refitting the same CV on outcomes permuted within
-    arm (seed 0), only two populations collect more importance than under the null (CD8
-    memory via PD-1, Classical mono via % live: the best readouts of the CD8 T PD-1 and
-    Monocytes drivers); the other drivers' importance is at the null level. Signal also
-    spreads over parent and child gates whose readouts are nearly the same (NK TNFα vs
-    CD56dim NK TNFα r ≈ 0.97; Monocytes vs Classical mono % live r ≈ 0.96; CD4 T vs CD4
-    memory IL-2 r ≈ 0.9), and every population's % of live cells moves when CD8 T cells
-    expand. Tried without effect on recall (6 cohorts each, before the gate fix): driver
-    weights × 2 (best AUROC 0.91 → 0.96), weights balanced so each driver moves the log-odds
-    by ~1 SD, 120 patients (3 cohorts, recall@5 0.4 each), depth-1 boosters, no feature filter, independent IL-7 effects between patients (which also took
-    the demo's permutation p from 0.05 to 0.18), summing SHAP over the lineage tree (parents
-    would collect their children's importance whatever the signal).
-    Floors, from the worst of the 10 cohorts: recall@(k+3) ≥ 0.4 (2 of 5 drivers in the top 8)
-    and a mean rank better than chance. They catch a ranking that has lost the drivers, not a
-    proof that the drivers lead it.
+    The drivers rank well above chance, but not reliably all at the very top. The features
+    are right: each driver's gated feature tracks its truth.json value at Spearman r ≥ 0.977.
+    What limits the ranking is what 40 patients can show. Refitting the same CV on outcomes
+    permuted within arm (seed 0), only two populations collect more importance than under
+    the null (CD8 memory via PD-1, Classical mono via % live: the best readouts of the CD8 T
+    PD-1 and Monocytes drivers); the other drivers' importance is at the null level. CD8
+    memory PD-1 stays apart from CD8 T PD-1 (naive cells dilute the parent's, ρ < 0.9), and
+    every population's % of live cells moves when CD8 T cells expand. Tried without effect
+    (6 cohorts each, before the batch-gate fix): driver weights × 2 (best AUROC 0.91 → 0.96),
+    weights balanced so each driver moves the log-odds by ~1 SD, 120 patients (3 cohorts,
+    recall@5 0.4 each), depth-1 boosters, no feature filter, independent IL-7 effects
+    between patients, summing SHAP over the lineage tree (parents would collect their
+    children's importance whatever the signal; here only readouts the data cannot tell
+    apart move). Crediting at ρ ≥ 0.8 instead gives 0.56 / 0.80 / 5.7.
+    Floors, from the worst of the 10 cohorts: recall@k ≥ 0.4 and recall@(k+3) ≥ 0.4 (2 of 5
+    drivers in the top 5 and in the top 8), and a mean rank better than chance. They catch a
+    ranking that has lost the drivers, not a proof that the drivers lead it.
     """
     truth = json.loads(Path(trained.cohort.truth).read_text())
     drivers = _driver_populations(truth)
@@ -272,7 +273,7 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     stab = ex.stability("population")
     if stab is not None:
         print("fold stability of the drivers:\n" + stab.reindex(drivers).round(2).to_string())
-    assert recall[k + 3] >= 0.4
+    assert recall[k] >= 0.4 and recall[k + 3] >= 0.4
     assert mean_rank < (n + 1) / 2
 
 
@@ -327,3 +328,13 @@ def test_performance_table_reads_metrics_json() -> None:
     assert perf["estimate"].tolist() == [0.8, 0.6]
     folds = tables.fold_summary(m).iloc[0]
     assert (folds["folds"], folds["min"], folds["max"]) == (2, 0.7, 0.9)
+
+
+def test_report_lists_child_readouts_counted_for_a_parent(report, trained) -> None:
+    text = report.read_text(encoding="utf-8")
+    ex = explain_bundle(trained.bundle, interactions=False)
+    assert ex.same_readouts is not None and len(ex.same_readouts) > 0  # nested gates agree
+    assert "Same readout, counted once" in text
+    assert f"Table of {len(ex.same_readouts)} features counted for a parent" in text
+    first = ex.same_readouts.iloc[0]
+    assert f"{first['population']} → {first['credited_to']}" in text

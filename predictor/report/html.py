@@ -29,6 +29,7 @@ from predictor.covariates import COVARIATE_GROUP
 from predictor.errors import OutputExistsError
 from predictor.explain import (
     COVARIATE_LEVEL,
+    SAME_READOUT_RHO,
     Explanations,
     aggregate_shap,
     describe_driver,
@@ -274,8 +275,30 @@ def _populations(ex: Explanations, frame: pd.DataFrame, w: dict[str, str]) -> st
                                   "top_k_frequency": f"share of folds in top {ex.k}",
                                   "mean_rank": "mean fold rank", "sd_rank": "SD fold rank"})
     parts.append(f"<details><summary>Table of {len(t)} populations</summary>{_table(t)}</details>")
+    parts.append(_same_readouts(ex))
     parts.append(_covariate_block(ex, frame, w))
     return "\n".join(parts)
+
+
+def _same_readouts(ex: Explanations) -> str:
+    """Which child-gate features count for a parent population (empty when none do)."""
+    same = ex.same_readouts
+    if same is None or same.empty:
+        return ""
+    pairs = (same.groupby(["credited_to", "population"], sort=False)
+             .agg(features=("feature", "size"), rho=("rho", lambda r: r.abs().min()))
+             .reset_index())
+    listed = "; ".join(f"{_e(r.population)} → {_e(r.credited_to)} ({r.features} feature"
+                       f"{'s' if r.features > 1 else ''}, |ρ| ≥ {r.rho:.2f})"
+                       for r in pairs.itertuples())
+    t = same.assign(rho=same["rho"].round(3)).rename(columns={
+        "population": "gated in", "credited_to": "counted for", "rho": "Spearman ρ"})
+    return (f"<p class='muted'>Same readout, counted once: {len(same)} feature(s) of a child gate "
+            f"agree with the same readout of a parent population across patients (|Spearman ρ| ≥ "
+            f"{SAME_READOUT_RHO}), so the data cannot tell the two gates apart there; they count "
+            f"for the parent above: {listed}.</p>"
+            f"<details><summary>Table of {len(same)} features counted for a parent</summary>"
+            f"{_table(t)}</details>")
 
 
 def _covariate_block(ex: Explanations, frame: pd.DataFrame, w: dict[str, str]) -> str:
@@ -371,7 +394,8 @@ def _patients(bundle: Bundle, ex: Explanations, scores: pd.DataFrame, score_feat
     sX = score_features.reindex(columns=bundle.features).astype(float)
     sX.index = sX.index.astype(str)
     svals, sbase = shap_values(bundle.booster, sX)
-    by_pop = aggregate_shap(svals, bundle.schema, by="population")
+    # the same population grouping as the ranking (child readouts counted for their parent)
+    by_pop = aggregate_shap(svals, ex.group_meta, by="population")
     by_cov = aggregate_shap(svals, bundle.schema, by=COVARIATE_LEVEL)
     train = bundle.train_features()
     w = _words(kind)
