@@ -71,7 +71,8 @@ class TaskRunner:
             yield from _progress(map(fn, jobs), len(jobs), progress)
             return
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=_context(fn))
+            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=_context(fn),
+                                             initializer=_keep_freed_memory)
             # Starting workers blocks until the forkserver has imported the task's module
             # (~2 s): a thread waits for that while this process takes jobs itself.
             self._starting = threading.Thread(target=self._pool.submit, args=(os.getpid,),
@@ -115,6 +116,27 @@ def _context(fn: Callable[[Any], Any]):
     if module and module != "__main__":
         ctx.set_forkserver_preload([module])
     return ctx
+
+
+def _keep_freed_memory() -> None:
+    """In a worker process (glibc): serve large arrays from the heap and keep freed memory.
+
+    By default glibc maps every allocation over 32 MiB afresh and unmaps it when freed, so each
+    sample's event arrays (~40 MiB) pay for faulting in and zeroing new pages; reusing the
+    freed ones saves ~5 ms per 200k-event sample. The worker's memory stays bounded by its
+    largest sample. Elsewhere (no glibc) this does nothing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def _dask_client(address: str):
