@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from predictor.errors import FCSError
-from predictor.io.fcs import FCSQuirkWarning, read_fcs, read_fcs_header, write_fcs
+from predictor.io.fcs import (
+    FCSQuirkWarning,
+    channel_major,
+    read_channels,
+    read_fcs,
+    read_fcs_header,
+    write_fcs,
+)
 
 try:
     from tests.fcs_factory import build_fcs, write_bytes
@@ -140,6 +147,43 @@ def test_reading_a_subset_of_rows(tmp_path, datatype, bits, byteorder) -> None:
     assert read_fcs(path, rows=np.array([], dtype=int)).events.shape == (0, 4)
     with pytest.raises(ValueError, match=r"'rows' parameter of read_fcs .* \[0, 500\)"):
         read_fcs(path, rows=np.array([1, 500]))
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize(("datatype", "bits"), [("F", None), ("D", None), ("I", [16] * 4),
+                                                ("I", [8, 16, 32, 16])])
+def test_read_channels_equals_the_full_read_transposed(tmp_path, datatype, bits, byteorder) -> None:
+    """Channel-major reading (streamed in chunks for float32) gives read_fcs's numbers."""
+    n = 2 * 4096 + 517  # two whole chunks and a part, in blocks of 512 and a remainder
+    ev = np.minimum(_events(n, 4, integer=datatype == "I"), 255)
+    path = write_bytes(tmp_path, "c.fcs",
+                       build_fcs(ev, datatype=datatype, byteorder=byteorder, bits=bits,
+                                 ranges=[200] * 4 if datatype == "I" else None))
+    full = read_fcs(path).events
+    for cols in ([0, 1, 2, 3], [2, 0, 3], [1]):
+        got = read_channels(read_fcs_header(path), cols)
+        assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == (len(cols), n)
+        np.testing.assert_array_equal(got, full[:, cols].T)
+        np.testing.assert_array_equal(got, channel_major(full, cols))
+
+
+def test_read_channels_of_a_file_cut_short_is_a_clear_error(tmp_path) -> None:
+    content = build_fcs(_events(5000, 3))
+    path = write_bytes(tmp_path, "cut.fcs", content)
+    header = read_fcs_header(path)  # the layout is read while the file is whole
+    path.write_bytes(content[: len(content) - 4000])
+    with pytest.raises(FCSError, match="ended while reading its events"):
+        read_channels(header, [0, 1, 2])
+
+
+@pytest.mark.skipif(not PBMC8_FILES, reason=f"PBMC8 files not found in {PBMC8}")
+def test_pbmc8_read_channels_matches_the_full_read() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FCSQuirkWarning)  # the known off-by-one offsets
+        full = read_fcs(PBMC8_FILES[0]).events
+    cols = list(range(full.shape[1]))[::-1]
+    np.testing.assert_array_equal(read_channels(read_fcs_header(PBMC8_FILES[0]), cols),
+                                  full[:, cols].T)
 
 
 @pytest.mark.parametrize("version", ["2.0", "3.0", "3.1", "3.2"])

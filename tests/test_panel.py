@@ -18,6 +18,7 @@ from predictor.io.panel import (
     panel_from_frame,
     parse_channel,
     read_panel,
+    read_panel_events,
 )
 
 PBMC8 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc8"
@@ -193,3 +194,25 @@ def test_apply_panel_names_file_and_missing_markers() -> None:
                                            "role": ["lineage", "lineage"]}))
     with pytest.raises(PanelError, match=r"s\.fcs: lacks the panel channel\(s\) Z \(zz\)"):
         apply_panel(_sample(["a", "b"]), panel)
+
+
+@needs_pbmc8
+def test_read_panel_events_equals_apply_panel_of_read_fcs(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FCSQuirkWarning)
+        sample = read_fcs(PBMC8_FILE)
+    panel = draft_panel(sample)
+    frame, quirks = read_panel_events(PBMC8_FILE, panel)
+    pd.testing.assert_frame_equal(frame, apply_panel(sample, panel))
+    assert quirks == sample.quirks and quirks  # the known off-by-one offsets, recorded
+    # channels in another order than the file's, one excluded
+    table = panel.table.iloc[::-1].copy()
+    table.loc[table["marker"] == "CD3", "role"] = "exclude"
+    shuffled = panel_from_frame(table)
+    frame, _ = read_panel_events(PBMC8_FILE, shuffled)
+    pd.testing.assert_frame_equal(frame, apply_panel(sample, shuffled))
+    assert "CD3" not in frame.columns
+    missing = panel_from_frame(pd.concat([panel.table, pd.DataFrame(
+        {"channel": ["Zz999Di"], "marker": ["CD999"], "role": ["lineage"], "cofactor": [5.0]})]))
+    with pytest.raises(PanelError, match=r"lacks the panel channel\(s\) CD999 \(Zz999Di\)"):
+        read_panel_events(PBMC8_FILE, missing)

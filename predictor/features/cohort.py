@@ -28,7 +28,7 @@ from predictor.features.execution import TaskRunner
 from predictor.features.matrix import build_matrix
 from predictor.features.stats import reference_statistics, sample_statistics
 from predictor.io.fcs import read_fcs, read_fcs_header
-from predictor.io.panel import Panel, apply_panel
+from predictor.io.panel import Panel, apply_panel, read_panel_events
 from predictor.io.samplesheet import select_samples
 from predictor.populations import Clustering, fit_clustering, populations_from_dict
 from predictor.populations.gating import (
@@ -143,10 +143,13 @@ def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None 
         n = read_fcs_header(path).n_events
         if n > max_events:
             rows = np.sort(np.random.default_rng([*seed, 1]).choice(n, max_events, replace=False))
-    sample = read_fcs(path, warn=False, rows=rows)  # quirks go to the QC table instead
-    raw = apply_panel(sample, panel)
+    if rows is None:  # every event, read straight into the panel's channel-major block
+        raw, quirks = read_panel_events(path, panel)
+    else:
+        sample = read_fcs(path, warn=False, rows=rows)
+        raw, quirks = apply_panel(sample, panel), sample.quirks
     keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
-    qc = {**qc, "quirks": "; ".join(sample.quirks)}
+    qc = {**qc, "quirks": "; ".join(quirks)}  # quirks go to the QC table, not a warning
     return raw, keep, qc | {f"threshold_{k}": v for k, v in used.items()}
 
 

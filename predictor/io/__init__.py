@@ -7,6 +7,7 @@ from predictor.io.fcs import (
     FCSData,
     FCSHeader,
     FCSQuirkWarning,
+    read_channels,
     read_fcs,
     read_fcs_header,
     write_fcs,
@@ -20,6 +21,7 @@ from predictor.io.panel import (
     panel_from_frame,
     parse_channel,
     read_panel,
+    read_panel_events,
 )
 from predictor.io.samplesheet import SAMPLE_COLUMNS, check_cohort, read_sample_sheet
 
@@ -27,6 +29,7 @@ __all__ = [
     "FCSData",
     "FCSHeader",
     "FCSQuirkWarning",
+    "read_channels",
     "read_fcs",
     "read_fcs_header",
     "write_fcs",
@@ -38,6 +41,7 @@ __all__ = [
     "panel_from_frame",
     "parse_channel",
     "read_panel",
+    "read_panel_events",
     "SAMPLE_COLUMNS",
     "check_cohort",
     "read_sample_sheet",

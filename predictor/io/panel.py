@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from predictor.errors import PanelError
-from predictor.io.fcs import FCSData, FCSHeader
+from predictor.io.fcs import FCSData, FCSHeader, channel_major, read_channels, read_fcs_header
 
 __all__ = [
     "ROLES",
@@ -24,6 +24,7 @@ __all__ = [
     "parse_channel",
     "normalize_marker",
     "apply_panel",
+    "read_panel_events",
 ]
 
 ROLES = (
@@ -377,11 +378,32 @@ def apply_panel(sample: FCSData, panel: Panel, *, roles: tuple[str, ...] | None 
     PanelError
         Naming the file and the markers whose channels it lacks.
     """
+    cols, markers = _panel_columns(sample.pnn, panel, sample.path, roles)
+    data = channel_major(sample.events, cols)
+    # data.T is a view: the frame's block is ``data`` itself, so each column is contiguous.
+    return pd.DataFrame(data.T, columns=markers, copy=False)
+
+
+def read_panel_events(path: str | os.PathLike, panel: Panel) -> tuple[pd.DataFrame, list[str]]:
+    """Every event of one FCS file as :func:`apply_panel` gives them, and the file's quirks.
+
+    The same frame as ``apply_panel(read_fcs(path), panel)``, read straight into its
+    channel-major block (:func:`~predictor.io.fcs.read_channels`).
+    """
+    header = read_fcs_header(path)
+    cols, markers = _panel_columns(header.pnn, panel, header.path, None)
+    data = read_channels(header, cols)
+    return pd.DataFrame(data.T, columns=markers, copy=False), list(header.quirks)
+
+
+def _panel_columns(pnn: list[str], panel: Panel, path: object,
+                   roles: tuple[str, ...] | None) -> tuple[list[int], list[str]]:
+    """The file's channel index and the marker of every panel row used (see apply_panel)."""
     table = panel.table if roles is None else panel.table[panel.table["role"].isin(roles)]
     table = table[table["role"] != "exclude"]
-    index = {name: i for i, name in enumerate(sample.pnn)}
+    index = {name: i for i, name in enumerate(pnn)}
     loose: dict[str, list[int]] = {}
-    for i, name in enumerate(sample.pnn):
+    for i, name in enumerate(pnn):
         loose.setdefault(name.strip().lower(), []).append(i)
     cols, missing = [], []
     for c, m in zip(table["channel"], table["marker"], strict=True):
@@ -393,25 +415,7 @@ def apply_panel(sample: FCSData, panel: Panel, *, roles: tuple[str, ...] | None 
             missing.append(f"{m} ({c})")
     if missing:
         raise PanelError(
-            f"{sample.path}: lacks the panel channel(s) {', '.join(missing)}. Fix the panel "
+            f"{path}: lacks the panel channel(s) {', '.join(missing)}. Fix the panel "
             f"({panel.source}) or drop the file from the sample sheet."
         )
-    data = channel_major(sample.events, cols)
-    # data.T is a view: the frame's block is ``data`` itself, so each column is contiguous.
-    return pd.DataFrame(data.T, columns=list(table["marker"]), copy=False)
-
-
-def channel_major(events: np.ndarray, cols: list[int], *, block: int = 1024) -> np.ndarray:
-    """``events[:, cols].T`` as a C-contiguous float32 array (channels × events).
-
-    FCS files store events row by row; per-marker work (thresholds, medians) wants each
-    channel contiguous. Transposing a block of rows at a time stays in cache, several times
-    faster than one large transposed copy.
-    """
-    n, width = events.shape if events.ndim == 2 else (len(events), 0)
-    out = np.empty((width, n), dtype=np.float32)
-    for start in range(0, n, block):
-        out[:, start : start + block] = events[start : start + block].T
-    if list(cols) == list(range(width)):
-        return out
-    return out[np.asarray(cols, dtype=np.intp)]
+    return cols, list(table["marker"])
