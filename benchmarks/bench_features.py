@@ -2,11 +2,12 @@
 
 Cohort: 100 FCS files × 200k events × 38 channels (quick: 20 files × 50k). The simulator writes
 16 distinct samples, which are copied to reach the file count. Reference, same run: reading the
-same files once (target: the pipeline within 3× of it), measured twice: from the page cache
-(warm: the files were just written, so this is the CPU cost of parsing) and from disk (cold:
-each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` first, as for a
-cohort read for the first time), the pipeline likewise. Also: 1 vs 2 workers and the peak
-resident memory of a worker process.
+same files once (target: the pipeline within 3× of it; the best of 3 reads), from the page
+cache (warm: the files were just written, so this is the CPU cost of parsing) and from disk
+(cold: each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` first, as for
+a cohort read for the first time). The pipeline likewise; the default (2 workers, from disk)
+runs first, so it pays for starting the worker pool as a command-line run does. Also: 1 vs 2
+workers and the peak resident memory of a worker process.
 """
 
 from __future__ import annotations
@@ -61,13 +62,18 @@ def _evict(paths: list[str]) -> None:
             os.close(fd)
 
 
-def _read_time(paths: list[str], *, cold: bool) -> tuple[float, int]:
-    """Read every file once, in this process (1 worker runs the pipeline inline too)."""
-    if cold:
-        _evict(paths)
-    t0 = time.perf_counter()
-    n_events = _read_all(paths)
-    return time.perf_counter() - t0, n_events
+def _read_time(paths: list[str], *, cold: bool, repeats: int = 3) -> tuple[float, int]:
+    """Read every file once, in this process (1 worker runs the pipeline inline too): the
+    best of ``repeats`` reads, since this VM's reads vary up to 3× between runs (the
+    reference is then the fastest read seen, which only makes the ratios stricter)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if cold:
+            _evict(paths)
+        t0 = time.perf_counter()
+        n_events = _read_all(paths)
+        best = min(best, time.perf_counter() - t0)
+    return best, n_events
 
 
 def _child_peak_mb() -> float:
@@ -84,7 +90,7 @@ def run(quick: bool = False) -> list[BenchResult]:
         read_warm, n_events = _read_time(paths, cold=False)
         read_cold, _ = _read_time(paths, cold=True)
         timings = {}
-        for workers, cold in ((1, False), (2, False), (1, True), (2, True)):
+        for workers, cold in ((2, True), (1, False), (2, False), (1, True)):
             if cold:
                 _evict(paths)
             t0 = time.perf_counter()
