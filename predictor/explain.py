@@ -29,6 +29,9 @@ Sources, best first:
 - otherwise the final model's SHAP values on its own training patients (in-sample).
 - ``fold_importance.csv`` (repeat, fold, feature, mean_abs_shap): one importance per fold
   model, for the stability of the rankings.
+- ``null_importance.csv`` (permutation, feature, mean_abs_shap): each feature's importance in
+  every permuted-outcome CV of the permutation test, so each group's importance gets a
+  permutation p-value (:meth:`Explanations.null_test`).
 """
 
 from __future__ import annotations
@@ -394,6 +397,9 @@ class Explanations:
     same_readouts
         Child-gate features credited to an ancestor at the population level
         (:func:`same_readouts`), or None.
+    null_importance
+        Feature importances in the permutation test's permuted-outcome CVs
+        (``permutation, feature, mean_abs_shap``), or None.
     """
 
     values: pd.DataFrame
@@ -406,6 +412,7 @@ class Explanations:
     fold_importance: pd.DataFrame | None = None
     k: int = 5
     same_readouts: pd.DataFrame | None = None
+    null_importance: pd.DataFrame | None = None
 
     @property
     def group_meta(self) -> pd.DataFrame:
@@ -437,6 +444,41 @@ class Explanations:
         groups = list(group_labels(own, level).unique())
         return fold_stability(self.fold_importance, meta, by=level, k=self.k, groups=groups)
 
+    def null_test(self, level: str = "population") -> pd.DataFrame | None:
+        """Each group's importance against the permuted-outcome null (None without the tables).
+
+        The statistic is the one the permutation test can redo on every permuted outcome: the
+        first CV repeat's importance per fold model (mean |SHAP| on the fold's test patients,
+        summed over the group's features), averaged over its folds. ``null_p`` = (1 + number
+        of permutations scoring at least as high) / (1 + permutations), per group, not
+        adjusted for the number of groups.
+        """
+        fi, null = self.fold_importance, self.null_importance
+        if fi is None or fi.empty or null is None or null.empty:
+            return None
+        first = fi[fi["repeat"] == fi["repeat"].min()]
+        observed = first.groupby("feature")["mean_abs_shap"].sum() / first["fold"].nunique()
+        feats = pd.Index(observed.index.astype(str)).union(null["feature"].astype(str).unique())
+        own = self.group_meta
+        extra = [f for f in feats if f not in own.index]
+        meta = pd.concat([own, feature_meta(extra)]) if extra else own
+        labels = group_labels(meta.reindex(feats), level)
+        obs = observed.groupby(labels.reindex(observed.index).to_numpy()).sum()
+        inside = null[null["feature"].isin(labels.index)]
+        n_perm = int(null["permutation"].max()) + 1
+        wide = (inside.assign(group=labels.reindex(inside["feature"]).to_numpy())
+                .pivot_table(index="permutation", columns="group", values="mean_abs_shap",
+                             aggfunc="sum", fill_value=0.0)
+                .reindex(index=range(n_perm), columns=labels.unique(), fill_value=0.0))
+        obs = obs.reindex(wide.columns, fill_value=0.0)
+        return pd.DataFrame({
+            "null_score": obs,
+            "null_mean": wide.mean(axis=0),
+            "null_q95": wide.quantile(0.95, axis=0),
+            "null_p": (1 + (wide >= obs).sum(axis=0)) / (1 + n_perm),
+            "n_permutations": n_perm,
+        }).rename_axis(level)
+
     @property
     def covariates(self) -> list[str]:
         """The clinical covariates among the model's inputs (their clinical columns)."""
@@ -446,7 +488,8 @@ class Explanations:
         """Tidy importance table: one row per (level, group), ranked, with fold stability.
 
         Columns: ``level, group, rank, n_features, mean_abs_shap, mean_shap,
-        top_k_frequency, mean_rank, sd_rank, n_folds`` (stability NaN without fold data).
+        top_k_frequency, mean_rank, sd_rank, n_folds`` (stability NaN without fold data) and
+        ``null_p`` (:meth:`null_test`; NaN without the permutation tables).
         All of :data:`LEVELS` when ``level`` is None, and ``"covariate"`` too when the model
         has clinical covariates; they are ranked among themselves, never among populations.
         """
@@ -474,6 +517,11 @@ class Explanations:
                 t = t.join(st[cols], on="group")
             else:
                 t = t.assign(**dict.fromkeys(cols, np.nan))
+            nt = self.null_test(lv) if lv != COVARIATE_LEVEL else None
+            if nt is not None:
+                t = t.join(nt[["null_p"]], on="group")
+            else:
+                t = t.assign(null_p=np.nan)
             out.append(t)
         return pd.concat(out, ignore_index=True)
 
@@ -505,7 +553,8 @@ def explain_model(booster: xgb.Booster, X: pd.DataFrame, meta: pd.DataFrame | No
                   oof_shap: pd.DataFrame | None = None, fold_importance: pd.DataFrame | None = None,
                   interactions: bool = True, k: int = 5, baseline: str | None = None,
                   parents: Mapping[str, str] | None = None,
-                  same_readout_rho: float | None = SAME_READOUT_RHO) -> Explanations:
+                  same_readout_rho: float | None = SAME_READOUT_RHO,
+                  null_importance: pd.DataFrame | None = None) -> Explanations:
     """Explanations of a model on its training patients ``X``.
 
     ``oof_shap`` (patients × features, out-of-fold; an optional ``base_value`` column holds the
@@ -533,7 +582,7 @@ def explain_model(booster: xgb.Booster, X: pd.DataFrame, meta: pd.DataFrame | No
     if parents and same_readout_rho is not None:
         same = same_readouts(all_meta, data, parents, rho=same_readout_rho)
     return Explanations(values, base, data, all_meta, source, inter, inames, fold_importance, k,
-                        same)
+                        same, null_importance)
 
 
 def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
@@ -550,10 +599,13 @@ def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
     if fi is not None and not {"repeat", "fold", "feature", "mean_abs_shap"} <= set(fi.columns):
         fi = None
     baseline = getattr(bundle.feature_config, "baseline", None)
+    null = _read_table(bundle.path / "null_importance.csv")
+    if null is not None and not {"permutation", "feature", "mean_abs_shap"} <= set(null.columns):
+        null = None
     parents = {p: bundle.gating.parent(p) for p in bundle.gating.populations}
     return explain_model(bundle.booster, X, bundle.schema, oof_shap=oof, fold_importance=fi,
                          interactions=interactions, k=k, baseline=baseline, parents=parents,
-                         same_readout_rho=same_readout_rho)
+                         same_readout_rho=same_readout_rho, null_importance=null)
 
 
 def _read_table(path: Path, **kw: Any) -> pd.DataFrame | None:

@@ -366,6 +366,38 @@ def test_explain_model_finds_same_readouts_from_the_lineage(model_parts) -> None
     assert off.same_readouts is None and off.group_meta is off.meta
 
 
+def test_null_test_per_population_by_hand() -> None:
+    from predictor.explain import Explanations
+
+    data, meta, parents = _lineage_case()
+    values = pd.DataFrame(0.1, index=data.index, columns=data.columns)
+    # first repeat: 2 folds; repeat 1 must be ignored
+    fi = pd.DataFrame({"repeat": [0, 0, 0, 0, 1], "fold": [0, 0, 1, 1, 0],
+                       "feature": ["P live", "D live", "P live", "clinical: arm = IL-7", "D live"],
+                       "mean_abs_shap": [0.4, 0.2, 0.2, 9.0, 5.0]})
+    null = pd.DataFrame({"permutation": [0, 0, 1, 2, 3], "feature": ["P live", "D live", "D live",
+                                                                    "C live", "P parent"],
+                         "mean_abs_shap": [0.5, 0.05, 0.2, 0.1, 0.2]})
+    ex = Explanations(values, 0.0, data, meta, "out-of-fold", fold_importance=fi,
+                      null_importance=null)
+    nt = ex.null_test("population")
+    # observed: P (0.4 + 0.2) / 2 = 0.3, D 0.2 / 2 = 0.1, C 0; the covariate is no population
+    assert nt.loc["P", "null_score"] == pytest.approx(0.3) and nt.loc["D", "null_score"] == pytest.approx(0.1)
+    assert "arm" not in nt.index and (nt["n_permutations"] == 4).all()
+    # P's null per permutation: 0.5, 0, 0, 0.2 → one ≥ 0.3; D's: 0.05, 0.2, 0, 0 → one ≥ 0.1
+    assert nt.loc["P", "null_p"] == pytest.approx(2 / 5) and nt.loc["D", "null_p"] == pytest.approx(2 / 5)
+    assert nt.loc["P", "null_mean"] == pytest.approx(0.7 / 4)
+    assert nt.loc["C", "null_p"] == pytest.approx(5 / 5)  # 0 observed: every null ties it
+    frame = ex.frame("population").set_index("group")
+    assert frame.loc["P", "null_p"] == pytest.approx(2 / 5)
+    # with C's readout counted for P, C's null importance counts for P too
+    merged = Explanations(values, 0.0, data, meta, "out-of-fold", fold_importance=fi,
+                          null_importance=null, same_readouts=same_readouts(meta, data, parents))
+    assert merged.null_test().loc["P", "null_mean"] == pytest.approx(0.8 / 4)
+    assert Explanations(values, 0.0, data, meta, "out-of-fold").null_test() is None
+    assert ex.frame("covariate")["null_p"].isna().all()  # covariates: no null per group
+
+
 # ------------------------------------------------------------------------------ the result object
 
 

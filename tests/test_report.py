@@ -338,3 +338,14 @@ def test_report_lists_child_readouts_counted_for_a_parent(report, trained) -> No
     assert f"Table of {len(ex.same_readouts)} features counted for a parent" in text
     first = ex.same_readouts.iloc[0]
     assert f"{first['population']} → {first['credited_to']}" in text
+
+
+def test_report_tests_each_population_against_permuted_outcomes(report, trained) -> None:
+    text = report.read_text(encoding="utf-8")
+    ex = explain_bundle(trained.bundle, interactions=False)
+    nt = ex.null_test("population")
+    assert nt is not None and nt["null_p"].between(0, 1).all() and len(nt) == 20
+    beat = int((nt["null_p"] < 0.05).sum())
+    assert f"<b>Against chance:</b> {beat} of 20 subsets" in text and "p (permuted outcome)" in text
+    print("\npopulations beating the permuted-outcome null:\n"
+          + nt.sort_values("null_p").head(8).round(3).to_string())

@@ -271,6 +271,25 @@ def test_train_model_outputs_are_aligned(signal_result) -> None:
     assert np.all(np.diff(r.oof["calibrated"].to_numpy()[order]) >= 0)
 
 
+def test_null_importance_puts_the_planted_features_above_their_null(signal_result) -> None:
+    X, y, r = signal_result
+    null = r.null_importance
+    assert list(null.columns) == ["permutation", "feature", "mean_abs_shap"]
+    assert sorted(null["permutation"].unique()) == list(range(30))  # one CV per permutation
+    assert set(null["feature"]) <= set(X.columns) and (null["mean_abs_shap"] > 0).all()
+    # the observed counterpart: the first repeat's fold importances, averaged over its folds
+    first = r.fold_importance[r.fold_importance["repeat"] == 0]
+    observed = first.groupby("feature")["mean_abs_shap"].sum() / first["fold"].nunique()
+    wide = null.pivot_table(index="permutation", columns="feature", values="mean_abs_shap",
+                            fill_value=0.0).reindex(columns=X.columns, fill_value=0.0)
+    p_value = (1 + (wide >= observed.reindex(X.columns, fill_value=0.0)).sum()) / 31
+    assert p_value["f03"] < 0.05 and p_value["f41"] < 0.05  # the planted signal
+    assert (p_value.drop(["f03", "f41"]) < 0.05).mean() < 0.2  # noise mostly at its null
+    none = train_model(X, y, model=FAST, cv=CVConfig(folds=4, repeats=1, permutations=0,
+                                                      bootstrap=0), random_state=0, n_jobs=1)
+    assert none.null_importance is None
+
+
 def test_train_model_null_outcome() -> None:
     X, y = planted(0, 0.0)
     cv = CVConfig(folds=4, repeats=1, permutations=20, bootstrap=100)

@@ -161,6 +161,8 @@ def _write_evaluation(tmpd: Path, cfg: ExperimentConfig, result: TrainingResult,
     if result.fold_importance is not None:
         result.fold_importance.to_csv(ev / "fold_importance.csv", index=False)
         result.stability(10).to_csv(ev / "feature_stability.csv", index=False)
+    if result.null_importance is not None:
+        result.null_importance.to_csv(ev / "null_importance.csv", index=False)
     if result.tuning is not None:
         result.tuning["table"].to_csv(ev / "tuning_final.csv", index=False)
     shutil.copyfile(bundle / "schema.json", ev / "feature_schema.json")
@@ -292,6 +294,8 @@ def run_experiment(
         if result.fold_importance is not None:
             tables["fold_importance"] = result.fold_importance
             tables["feature_stability"] = result.stability(10)
+        if result.null_importance is not None:
+            tables["null_importance"] = result.null_importance
         if result.tuning is not None:
             tables["tuning"] = result.tuning["table"]
         bundle = save_bundle(

@@ -476,22 +476,43 @@ def _oof(fits: list[_FoldFit], folds: list[Fold], n: int) -> np.ndarray:
     return out
 
 
-def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune, keep=None, strata=None) -> list[float]:
+def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune, keep=None, strata=None
+                ) -> list[tuple[float, np.ndarray]]:
     """Null statistics: the first repeat's CV rerun on permuted outcomes, one per seed.
 
     The folds are drawn again for each permutation, stratified on the permuted outcome as the
     observed CV is on the real one: the real folds leave the permuted classes unbalanced
     between folds, which biases the null AUROC low and the p-value with it. With ``strata``
-    the outcome moves only between patients of the same stratum.
+    the outcome moves only between patients of the same stratum. Each comes with the
+    features' null importance (:func:`_fold_mean_importance` of the permuted CV's fits).
     """
     first = replace(cv, repeats=1)
     stats = []
     for ps in perm_seeds:
         op = out.permuted(ps, strata)
         folds = make_folds(op.y, groups, first, seed)
-        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune, keep=keep)
-        stats.append(op.score(_oof(fits, folds, len(op.y))[:, 0]))
+        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune, shap=True, keep=keep)
+        stats.append((op.score(_oof(fits, folds, len(op.y))[:, 0]),
+                      _fold_mean_importance(fits, X.shape[1])))
     return stats
+
+
+def _fold_mean_importance(fits: list[_FoldFit], p: int) -> np.ndarray:
+    """Each feature's mean |SHAP| on its fold's test patients, averaged over the folds (0 in
+    a fold that did not select it): the importance the permutation null is drawn for."""
+    total = np.zeros(p)
+    for fit in fits:
+        total[fit.cols] += np.abs(fit.contribs[:, :-1]).mean(axis=0)
+    return total / len(fits)
+
+
+def _null_importance_table(null: np.ndarray, columns: pd.Index) -> pd.DataFrame | None:
+    """Long table ``permutation, feature, mean_abs_shap`` of the non-zero null importances."""
+    if null.size == 0:
+        return None
+    perm, col = np.nonzero(null)
+    return pd.DataFrame({"permutation": perm, "feature": np.asarray(columns, dtype=object)[col],
+                         "mean_abs_shap": null[perm, col]})
 
 
 def _elastic_net(seed: int):
@@ -562,7 +583,10 @@ class TrainingResult:
 
     ``frame()`` gives the metric table; ``oof`` the out-of-fold predictions per patient;
     ``oof_shap`` their SHAP values (patients × all features, + ``base_value``);
-    ``fold_importance`` the per-fold mean |SHAP| ranking; ``stability()`` its summary.
+    ``fold_importance`` the per-fold mean |SHAP| ranking; ``stability()`` its summary;
+    ``null_importance`` each feature's importance in every permuted-outcome CV of the
+    permutation test (mean over the first repeat's folds of the fold's mean |SHAP|; features
+    no fold selected left out), for the null of the importance per population.
     """
 
     features: list[str]  # the final model's features (selected on all patients), in order
@@ -580,6 +604,7 @@ class TrainingResult:
     kind: str = "binary"
     oof_shap: pd.DataFrame | None = None
     fold_importance: pd.DataFrame | None = None
+    null_importance: pd.DataFrame | None = None  # permutation, feature, mean_abs_shap
     settings: dict[str, Any] = field(default_factory=dict)  # the final model's settings
     tuning: dict[str, Any] | None = None  # grid, metric, final choice and its score table
     covariates: list[str] = field(default_factory=list)  # columns of X always kept as inputs
@@ -761,8 +786,9 @@ def train_model(
     timings["bootstrap"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    permutation = _permutation_test(Xa, out, groups, cv, model, random_state, oof_r, n_jobs,
-                                    keep=keep, strata=strata_arr)
+    permutation, null_imp = _permutation_test(Xa, out, groups, cv, model, random_state, oof_r,
+                                              n_jobs, keep=keep, strata=strata_arr)
+    null_importance = _null_importance_table(null_imp, X.columns)
     timings["permutation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -845,6 +871,7 @@ def train_model(
         kind=out.kind,
         oof_shap=oof_shap,
         fold_importance=fold_importance,
+        null_importance=null_importance,
         settings=_settings(final_cfg),
         tuning=tuning,
         covariates=[str(c) for c in covariates],
@@ -875,7 +902,9 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=N
         delayed(_perm_stats)(Xa, out, groups, cv, perm_model, seed, c.tolist(), nested, keep, strata)
         for c in chunks
     )
-    null = np.array([v for part in parts for v in part])
+    null = np.array([v for part in parts for v, _ in part])
+    null_importance = (np.array([imp for part in parts for _, imp in part]) if null.size
+                       else np.zeros((0, Xa.shape[1])))
     p_value = float((1 + (null >= observed).sum()) / (1 + null.size)) if null.size else float("nan")
     name = "AUROC" if out.kind == "binary" else "C-index"
     if not tune:
@@ -913,4 +942,4 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=N
         "tests": tests,
         "within_strata": strata is not None,
     }
-    return payload
+    return payload, null_importance

@@ -270,10 +270,22 @@ def _populations(ex: Explanations, frame: pd.DataFrame, w: dict[str, str]) -> st
     cols = ["group", "rank", "n_features", "mean_abs_shap", "mean_shap"]
     if has_stab:
         cols += ["top_k_frequency", "mean_rank", "sd_rank"]
+    nt = ex.null_test("population")
+    if nt is not None:
+        cols += ["null_p"]
+        beat = pop[pop["null_p"] < 0.05]["group"].tolist()
+        n_perm = int(nt["n_permutations"].iloc[0])
+        parts.append(
+            f"<p><b>Against chance:</b> {len(beat)} of {len(pop)} subsets carry more importance "
+            f"than on permuted outcomes (p &lt; 0.05 over {n_perm} permutations, the permutation "
+            "test's refits; importance of the first CV repeat, not adjusted for the "
+            f"{len(pop)} subsets){': ' + ', '.join(_e(g) for g in beat) if beat else ''}. "
+            "Below those, the order of the ranking may be noise.</p>")
     t = pop[cols].rename(columns={"group": "population", "n_features": "features",
                                   "mean_abs_shap": "mean |SHAP|", "mean_shap": "mean SHAP",
                                   "top_k_frequency": f"share of folds in top {ex.k}",
-                                  "mean_rank": "mean fold rank", "sd_rank": "SD fold rank"})
+                                  "mean_rank": "mean fold rank", "sd_rank": "SD fold rank",
+                                  "null_p": "p (permuted outcome)"})
     parts.append(f"<details><summary>Table of {len(t)} populations</summary>{_table(t)}</details>")
     parts.append(_same_readouts(ex))
     parts.append(_covariate_block(ex, frame, w))
