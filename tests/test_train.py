@@ -611,11 +611,13 @@ def test_permutation_procedure_with_tuning(monkeypatch) -> None:
     # headline (tuned), the observed fixed-parameter statistic, 3 fixed-parameter permutations
     assert calls == [True, False, False, False, False]
     assert fixed.permutation["procedure"] == "fixed" and "not the statistic" in fixed.permutation["tests"]
+    assert fixed.null_importance is None  # a fixed-settings null is no null for tuned importances
     calls.clear()
     nested = train_model(X, y, model=replace(FAST, search=replace(search, permutation_test="nested")),
                          cv=cv, n_jobs=1)
     assert calls == [True, True, True, True]
     assert nested.permutation["procedure"] == "nested"
+    assert sorted(nested.null_importance["permutation"].unique()) == [0, 1, 2]
     assert nested.permutation["observed"] == pytest.approx(fast_auroc(nested.oof["y"], nested.oof["probability_r0"]))
 
 

@@ -586,7 +586,8 @@ class TrainingResult:
     ``fold_importance`` the per-fold mean |SHAP| ranking; ``stability()`` its summary;
     ``null_importance`` each feature's importance in every permuted-outcome CV of the
     permutation test (mean over the first repeat's folds of the fold's mean |SHAP|; features
-    no fold selected left out), for the null of the importance per population.
+    no fold selected left out), for the null of the importance per population; None without
+    permutations, or when they refit fixed settings while the CV was tuned.
     """
 
     features: list[str]  # the final model's features (selected on all patients), in order
@@ -942,4 +943,6 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=N
         "tests": tests,
         "within_strata": strata is not None,
     }
+    if tune and not nested:  # the null's fits are not the tuned ones the importances come from
+        null_importance = np.zeros((0, Xa.shape[1]))
     return payload, null_importance
