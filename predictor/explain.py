@@ -590,6 +590,11 @@ def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
     """Explanations of a bundle's model (out-of-fold SHAP and fold importances when stored);
     the population lineage comes from the bundle's gating."""
     X = bundle.train_features()
+    more = _read_table(bundle.path / "features_oof.csv", index_col=0)  # features of fold models
+    if more is not None:
+        X = X.copy()
+        X.index, more.index = X.index.astype(str), more.index.astype(str)
+        X = X.join(more[[c for c in more.columns if c not in X.columns]])
     oof = _read_table(bundle.path / "oof_shap.csv", index_col=0)
     if oof is not None:
         oof.index = oof.index.astype(str)

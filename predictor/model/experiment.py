@@ -291,6 +291,13 @@ def run_experiment(
         tables = {"qc": fs.qc, "populations": fs.populations}
         if result.oof_shap is not None:
             tables["oof_shap"] = result.oof_shap.rename_axis("patient_id").reset_index()
+            # values of every feature some fold model used (the final model's are in
+            # features_train.parquet): explanations colour and compare them too
+            shap_cols = result.oof_shap.drop(columns=["base_value"], errors="ignore")
+            used = [c for c in shap_cols.columns[shap_cols.abs().sum().to_numpy() > 0]
+                    if c not in result.features and c in fs.X.columns]
+            if used:
+                tables["features_oof"] = fs.X[used].rename_axis("patient_id").reset_index()
         if result.fold_importance is not None:
             tables["fold_importance"] = result.fold_importance
             tables["feature_stability"] = result.stability(10)

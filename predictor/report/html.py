@@ -476,6 +476,11 @@ def _methods(bundle: Bundle, ex: Explanations, exp: dict, m: dict, w: dict[str, 
            "values stored in this bundle)")
     stab = ("Ranking stability from each fold model's mean |SHAP| per feature, summed per group."
             if ex.fold_importance is not None else "No per-fold importances were stored.")
+    null_text = (" Each population's importance (first CV repeat, summed per fold model and "
+                 "averaged over the folds) was compared with the same quantity in the permutation "
+                 "test's refits on permuted outcomes: p = (1 + permutations at least as high) / "
+                 "(1 + permutations), per population, unadjusted."
+                 if ex.null_importance is not None else "")
     return (
         '<h2 id="methods">Methods</h2>'
         "<p>FCS files were read with the panel frozen in the model bundle; beads, debris, doublets, "
@@ -501,7 +506,10 @@ def _methods(bundle: Bundle, ex: Explanations, exp: dict, m: dict, w: dict[str, 
         + "the final model refitted on all patients.</p>"
         f"<p>Explanations: TreeSHAP (XGBoost's native <code>pred_contribs</code>, identical to "
         f"shap.TreeExplainer) on the {w['scale']} scale; {src}. Group importances sum signed SHAP values "
-        f"per patient within a population, marker, statistic or contrast. {cov_text}{stab} Interactions: "
+        f"per patient within a population, marker, statistic or contrast; a child gate's feature "
+        f"whose readout matches its parent population's (same marker, statistic and contrast, "
+        f"|Spearman ρ| ≥ {SAME_READOUT_RHO} over the training patients) counts for the parent. "
+        f"{cov_text}{stab}{null_text} Interactions: "
         "SHAP interaction values of the final model (<code>pred_interactions</code>). Patient cards "
         "use the final model.</p>"
         f"<p class='muted'>Seed {_e(exp.get('seed', '–'))}. Software: {_e(_versions())}.</p>"
