@@ -133,7 +133,7 @@ def test_datatypes_and_byte_orders(tmp_path, datatype, bits, byteorder) -> None:
 @pytest.mark.parametrize("byteorder", ["<", ">"])
 @pytest.mark.parametrize(("datatype", "bits"), [("F", None), ("D", None), ("I", [16] * 4),
                                                 ("I", [8, 16, 32, 16])])
-def test_reading_a_subset_of_rows(tmp_path, datatype, bits, byteorder) -> None:
+def test_reading_a_subset_of_rows(tmp_path, monkeypatch, datatype, bits, byteorder) -> None:
     """rows= decodes just those events (memory map), equal to the full read's rows."""
     ev = np.minimum(_events(500, 4, integer=datatype == "I"), 255)
     path = write_bytes(tmp_path, "r.fcs",
@@ -147,6 +147,10 @@ def test_reading_a_subset_of_rows(tmp_path, datatype, bits, byteorder) -> None:
     assert read_fcs(path, rows=np.array([], dtype=int)).events.shape == (0, 4)
     with pytest.raises(ValueError, match=r"'rows' parameter of read_fcs .* \[0, 500\)"):
         read_fcs(path, rows=np.array([1, 500]))
+    # a header just read is used as it is, not parsed again
+    header = read_fcs_header(path)
+    monkeypatch.setattr("predictor.io.fcs.read_fcs_header", None)  # would fail if called
+    np.testing.assert_array_equal(read_fcs(path, rows=rows, header=header).events, part)
 
 
 @pytest.mark.parametrize("byteorder", ["<", ">"])

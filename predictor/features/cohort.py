@@ -138,15 +138,16 @@ def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None 
     ``max_events`` keeps a random subset of the file's events (drawn with ``seed``). The QC
     row has the thresholds used as ``threshold_<key>``.
     """
-    rows = None
+    rows, header = None, None
     if max_events is not None:
-        n = read_fcs_header(path).n_events
-        if n > max_events:
-            rows = np.sort(np.random.default_rng([*seed, 1]).choice(n, max_events, replace=False))
+        header = read_fcs_header(path)
+        if header.n_events > max_events:
+            rows = np.sort(np.random.default_rng([*seed, 1]).choice(
+                header.n_events, max_events, replace=False))
     if rows is None:  # every event, read straight into the panel's channel-major block
         raw, quirks = read_panel_events(path, panel)
     else:
-        sample = read_fcs(path, warn=False, rows=rows)
+        sample = read_fcs(path, warn=False, rows=rows, header=header)
         raw, quirks = apply_panel(sample, panel), sample.quirks
     keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
     qc = {**qc, "quirks": "; ".join(quirks)}  # quirks go to the QC table, not a warning

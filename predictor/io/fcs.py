@@ -176,7 +176,7 @@ def read_fcs_header(path: str | os.PathLike) -> FCSHeader:
 
 
 def read_fcs(path: str | os.PathLike, *, warn: bool = True,
-             rows: np.ndarray | None = None) -> FCSData:
+             rows: np.ndarray | None = None, header: FCSHeader | None = None) -> FCSData:
     """Read one FCS file into float32 events plus its channel table.
 
     Parameters
@@ -190,6 +190,9 @@ def read_fcs(path: str | os.PathLike, *, warn: bool = True,
     rows
         Indices of the events to read (e.g. a random subset, see :func:`read_fcs_header` for
         the count); only those are decoded, through a memory map. ``None`` reads them all.
+    header
+        This file's header, when it was just read with :func:`read_fcs_header` (it is not
+        parsed again).
 
     Returns
     -------
@@ -203,7 +206,7 @@ def read_fcs(path: str | os.PathLike, *, warn: bool = True,
     FCSError
         The file cannot be read; the message names it and says what is wrong.
     """
-    header = read_fcs_header(path)
+    header = header if header is not None else read_fcs_header(path)
     events = _read_events(header, rows)
     if warn and header.quirks:
         warnings.warn(
