@@ -476,24 +476,25 @@ def _oof(fits: list[_FoldFit], folds: list[Fold], n: int) -> np.ndarray:
     return out
 
 
-def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune, keep=None, strata=None
-                ) -> list[tuple[float, np.ndarray]]:
+def _perm_stats(X, out, groups, cv, cfg, seed, perm_seeds, tune, keep=None, strata=None,
+                shap=True) -> list[tuple[float, np.ndarray | None]]:
     """Null statistics: the first repeat's CV rerun on permuted outcomes, one per seed.
 
     The folds are drawn again for each permutation, stratified on the permuted outcome as the
     observed CV is on the real one: the real folds leave the permuted classes unbalanced
     between folds, which biases the null AUROC low and the p-value with it. With ``strata``
     the outcome moves only between patients of the same stratum. Each comes with the
-    features' null importance (:func:`_fold_mean_importance` of the permuted CV's fits).
+    features' null importance (:func:`_fold_mean_importance` of the permuted CV's fits), or
+    None without ``shap``.
     """
     first = replace(cv, repeats=1)
     stats = []
     for ps in perm_seeds:
         op = out.permuted(ps, strata)
         folds = make_folds(op.y, groups, first, seed)
-        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune, shap=True, keep=keep)
+        fits = _cv_predict(X, op, folds, cfg, seed, tune=tune, shap=shap, keep=keep)
         stats.append((op.score(_oof(fits, folds, len(op.y))[:, 0]),
-                      _fold_mean_importance(fits, X.shape[1])))
+                      _fold_mean_importance(fits, X.shape[1]) if shap else None))
     return stats
 
 
@@ -885,7 +886,7 @@ def _tuning_metric(model: ModelConfig, out: Outcome) -> str:
 
 
 def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=None,
-                      strata=None) -> dict[str, Any]:
+                      strata=None) -> tuple[dict[str, Any], np.ndarray]:
     tune = model.search is not None
     nested = tune and model.search.permutation_test == "nested"
     fixed = replace(model, search=None)
@@ -897,15 +898,18 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=N
     else:
         observed = out.score(oof_r[:, 0])
     perm_model = model if nested else fixed
+    # A fixed-settings null would not match the tuned fits the importances come from.
+    importances = not tune or nested
     seeds = [seed + 7919 * (i + 1) for i in range(cv.permutations)]
     chunks = [c for c in np.array_split(np.array(seeds, dtype=np.int64), max(n_jobs, 1)) if c.size]
     parts = Parallel(n_jobs=min(n_jobs, len(chunks)) or 1)(
-        delayed(_perm_stats)(Xa, out, groups, cv, perm_model, seed, c.tolist(), nested, keep, strata)
+        delayed(_perm_stats)(Xa, out, groups, cv, perm_model, seed, c.tolist(), nested, keep, strata,
+                             shap=importances)
         for c in chunks
     )
     null = np.array([v for part in parts for v, _ in part])
-    null_importance = (np.array([imp for part in parts for _, imp in part]) if null.size
-                       else np.zeros((0, Xa.shape[1])))
+    null_importance = (np.array([imp for part in parts for _, imp in part])
+                       if null.size and importances else np.zeros((0, Xa.shape[1])))
     p_value = float((1 + (null >= observed).sum()) / (1 + null.size)) if null.size else float("nan")
     name = "AUROC" if out.kind == "binary" else "C-index"
     if not tune:
@@ -943,6 +947,4 @@ def _permutation_test(Xa, out, groups, cv, model, seed, oof_r, n_jobs, *, keep=N
         "tests": tests,
         "within_strata": strata is not None,
     }
-    if tune and not nested:  # the null's fits are not the tuned ones the importances come from
-        null_importance = np.zeros((0, Xa.shape[1]))
     return payload, null_importance
