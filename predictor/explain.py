@@ -425,6 +425,13 @@ class Explanations:
         meta.loc[credited.index, "population"] = credited.to_numpy()
         return meta
 
+    def _meta_with(self, features) -> pd.DataFrame:
+        """:attr:`group_meta`, plus metadata parsed from the names of ``features`` it lacks
+        (fold models' features that are not among the values)."""
+        own = self.group_meta
+        extra = [f for f in features if f not in own.index]
+        return pd.concat([own, feature_meta(extra)]) if extra else own
+
     def by(self, level: str = "population") -> pd.DataFrame:
         """Signed SHAP sums per patient and group (patients × groups)."""
         return aggregate_shap(self.values, self.group_meta, by=level)
@@ -437,11 +444,8 @@ class Explanations:
         """Rank stability over the fold models (None without fold importances)."""
         if self.fold_importance is None or self.fold_importance.empty:
             return None
-        feats = self.fold_importance["feature"].astype(str).unique()
-        own = self.group_meta
-        extra = [f for f in feats if f not in own.index]
-        meta = pd.concat([own, feature_meta(extra)]) if extra else own
-        groups = list(group_labels(own, level).unique())
+        meta = self._meta_with(self.fold_importance["feature"].astype(str).unique())
+        groups = list(group_labels(self.group_meta, level).unique())
         return fold_stability(self.fold_importance, meta, by=level, k=self.k, groups=groups)
 
     def null_test(self, level: str = "population") -> pd.DataFrame | None:
@@ -459,10 +463,7 @@ class Explanations:
         first = fi[fi["repeat"] == fi["repeat"].min()]
         observed = first.groupby("feature")["mean_abs_shap"].sum() / first["fold"].nunique()
         feats = pd.Index(observed.index.astype(str)).union(null["feature"].astype(str).unique())
-        own = self.group_meta
-        extra = [f for f in feats if f not in own.index]
-        meta = pd.concat([own, feature_meta(extra)]) if extra else own
-        labels = group_labels(meta.reindex(feats), level)
+        labels = group_labels(self._meta_with(feats).reindex(feats), level)
         obs = observed.groupby(labels.reindex(observed.index).to_numpy()).sum()
         inside = null[null["feature"].isin(labels.index)]
         n_perm = int(null["permutation"].max()) + 1
