@@ -333,11 +333,10 @@ def kept_cells(cells: pd.DataFrame, panel: Panel, rows: np.ndarray, *, transform
     roles = dict(zip(panel.table["marker"], panel.table["role"], strict=True))
     markers = [c for c in cells.columns if roles.get(c) in ("lineage", "functional")]
     block = _select_rows(cells, markers, rows)  # markers × kept cells, a fresh copy
-    if transformed:  # in place, row by row: as transform() does, without a frame per column
-        cof = panel.cofactors()  # validated (> 0) when the panel was read
-        for r, m in enumerate(markers):
-            np.divide(block[r], np.float32(cof[m]), out=block[r])
-            np.arcsinh(block[r], out=block[r])
+    if transformed and markers:  # in place: arcsinh(x / cofactor), as transform() does
+        cofactors = panel.cofactors()  # validated (> 0) when the panel was read
+        np.divide(block, np.array([[cofactors[m]] for m in markers], dtype=np.float32), out=block)
+        np.arcsinh(block, out=block)
     return pd.DataFrame(block.T, columns=markers, copy=False)
 
 
