@@ -248,3 +248,28 @@ def test_task_runner_pool_returns_every_job_once_and_raises_errors():
     with TaskRunner(n_jobs=2) as runner:  # the failing job is the first one run here
         with pytest.raises(ValueError, match="negative job -1"):
             list(runner.map(_square, [*range(10), -1]))
+
+
+@pytest.mark.parametrize("n_events, n_rows", [(200_000, 50_000), (50_001, 50_000), (40, 39),
+                                              (10, 3), (7, 1), (100, 100)])
+def test_spread_rows_reads_stretches_over_the_whole_file(n_events, n_rows):
+    rows = cohort.spread_rows(n_events, n_rows, np.random.default_rng(1))
+    assert len(rows) == min(n_rows, n_events)
+    assert np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < n_events
+    runs = np.count_nonzero(np.diff(rows) > 1) + 1
+    assert runs <= cohort.SUBSAMPLE_STRETCHES
+
+
+def test_spread_rows_sample_every_part_of_the_run():
+    rows = cohort.spread_rows(200_000, 50_000, np.random.default_rng(3))
+    k = cohort.SUBSAMPLE_STRETCHES
+    parts = np.searchsorted(np.linspace(0, 200_000, k + 1), rows, side="right") - 1
+    assert np.array_equal(np.unique(parts), np.arange(k))  # one stretch in each equal part
+    assert set(np.bincount(parts, minlength=k)) <= {50_000 // k, 50_000 // k + 1}
+
+
+def test_spread_rows_place_stretches_at_random():
+    a = cohort.spread_rows(200_000, 50_000, np.random.default_rng(1))
+    b = cohort.spread_rows(200_000, 50_000, np.random.default_rng(2))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, cohort.spread_rows(200_000, 50_000, np.random.default_rng(1)))

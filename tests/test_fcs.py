@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from predictor.errors import FCSError
+from predictor.features.cohort import spread_rows
 from predictor.io.fcs import (
     FCSQuirkWarning,
     channel_major,
@@ -133,8 +134,11 @@ def test_datatypes_and_byte_orders(tmp_path, datatype, bits, byteorder) -> None:
 @pytest.mark.parametrize("byteorder", ["<", ">"])
 @pytest.mark.parametrize(("datatype", "bits"), [("F", None), ("D", None), ("I", [16] * 4),
                                                 ("I", [8, 16, 32, 16])])
-def test_reading_a_subset_of_rows(tmp_path, monkeypatch, datatype, bits, byteorder) -> None:
-    """rows= decodes just those events (memory map), equal to the full read's rows."""
+@pytest.mark.parametrize("max_runs", [1024, 2])  # run by run; scattered (memory map)
+def test_reading_a_subset_of_rows(tmp_path, monkeypatch, datatype, bits, byteorder,
+                                  max_runs) -> None:
+    """rows= decodes just those events, equal to the full read's rows."""
+    monkeypatch.setattr("predictor.io.fcs._MAX_ROW_RUNS", max_runs)
     ev = np.minimum(_events(500, 4, integer=datatype == "I"), 255)
     path = write_bytes(tmp_path, "r.fcs",
                        build_fcs(ev, datatype=datatype, byteorder=byteorder, bits=bits,
@@ -144,6 +148,8 @@ def test_reading_a_subset_of_rows(tmp_path, monkeypatch, datatype, bits, byteord
     part = read_fcs(path, rows=rows).events
     assert part.dtype == np.float32 and part.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(part, full[rows])
+    for other in (np.arange(100, 400), np.r_[7:90, 91:95, 300:500], np.array([5, 2, 2, 499])):
+        np.testing.assert_array_equal(read_fcs(path, rows=other).events, full[other])
     assert read_fcs(path, rows=np.array([], dtype=int)).events.shape == (0, 4)
     with pytest.raises(ValueError, match=r"'rows' parameter of read_fcs .* \[0, 500\)"):
         read_fcs(path, rows=np.array([1, 500]))
@@ -433,3 +439,6 @@ def test_pbmc8_subset_of_rows_matches_the_full_read() -> None:
         full = read_fcs(PBMC8_FILES[0]).events
         rows = np.sort(np.random.default_rng(0).choice(len(full), 300, replace=False))
         np.testing.assert_array_equal(read_fcs(PBMC8_FILES[0], rows=rows).events, full[rows])
+        stretches = spread_rows(len(full), 2000, np.random.default_rng(0))
+        np.testing.assert_array_equal(read_fcs(PBMC8_FILES[0], rows=stretches).events,
+                                      full[stretches])

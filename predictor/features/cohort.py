@@ -41,9 +41,11 @@ from predictor.preprocess import cleanup_mask, kept_cells
 
 __all__ = ["FeatureSet", "extract_features", "clean_sample", "load_sample"]
 
-# Pass 1 fits each file's cleanup thresholds (density valleys) on this many random events:
-# plenty for a 256-bin density, and it spares cleaning every event twice.
+# Pass 1 fits each file's cleanup thresholds (density valleys) on this many events: plenty for
+# a 256-bin density, and it spares cleaning every event twice.
 CLEANUP_FIT_EVENTS = 50_000
+# ... read as this many contiguous stretches spread over the file (see :func:`spread_rows`).
+SUBSAMPLE_STRETCHES = 32
 
 
 @dataclass
@@ -129,21 +131,39 @@ class FeatureSet:
         )
 
 
+def spread_rows(n_events: int, n_rows: int, rng: np.random.Generator, *,
+                stretches: int = SUBSAMPLE_STRETCHES) -> np.ndarray:
+    """``n_rows`` sorted event indices out of ``n_events``: contiguous stretches, one in each
+    of ``stretches`` equal parts of the file, each at a random place in its part.
+
+    Events are stored in acquisition order, so stretches spread over the whole run sample
+    its drift as random events would, while reading a fraction of the file's pages: random
+    events touch nearly every page, which makes a subsample cost a whole read from disk.
+    """
+    if n_rows >= n_events:
+        return np.arange(n_events)
+    k = max(1, min(stretches, n_rows))
+    edges = np.linspace(0, n_events, k + 1).astype(np.int64)  # part i: [edges[i], edges[i+1])
+    lengths = np.diff(edges * n_rows // n_events)  # ≤ its part's length, n_rows in all
+    starts = edges[:-1] + (rng.random(k) * (np.diff(edges) - lengths + 1)).astype(np.int64)
+    return np.concatenate([np.arange(a, a + m) for a, m in zip(starts, lengths, strict=True)])
+
+
 def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
                 max_events: int | None = None, seed: Sequence[int] = (0,)
                 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """Read one FCS file and find its cleanup mask: (raw events, mask of kept events, QC row).
 
     ``thresholds`` fixes the cleanup thresholds (e.g. those pass 1 found for this file);
-    ``max_events`` keeps a random subset of the file's events (drawn with ``seed``). The QC
-    row has the thresholds used as ``threshold_<key>``.
+    ``max_events`` keeps that many of the file's events, in stretches spread over the file
+    (:func:`spread_rows`, placed with ``seed``). The QC row has the thresholds used as
+    ``threshold_<key>``.
     """
     rows, header = None, None
     if max_events is not None:
         header = read_fcs_header(path)
         if header.n_events > max_events:
-            rows = np.sort(np.random.default_rng([*seed, 1]).choice(
-                header.n_events, max_events, replace=False))
+            rows = spread_rows(header.n_events, max_events, np.random.default_rng([*seed, 1]))
     if rows is None:  # every event, read straight into the panel's channel-major block
         raw, quirks = read_panel_events(path, panel)
     else:
