@@ -5,7 +5,8 @@ experiment (features, CV, MLflow, bundle) and writes the report with four patien
 report is then opened in Debian's Chromium through Playwright (never a browser Playwright
 downloads itself): no console errors, no network request, every image decoded, every section
 there, and a full-page screenshot that is not blank. The planted driver populations of
-``truth.json`` must rank high in the population-level SHAP importance.
+``truth.json`` must rank above chance in the population-level SHAP importance of that cohort,
+and at the top (3 of 5 in the top 5) in a second, 200-patient cohort trained the same way.
 
 Needs ``playwright`` (Python package) and ``/usr/bin/chromium`` (``scripts/ensure-chromium.sh``);
 the browser tests skip with a message when either is missing.
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 N_PATIENTS, CELLS, SEED, N_CARDS = 40, 1500, 0, 4
+N_LARGE = 200  # patients of the cohort the drivers' ranking is checked on
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -207,76 +209,97 @@ def _driver_populations(truth: dict) -> list[str]:
     return sorted(set(pops))
 
 
-def test_planted_driver_populations_rank_high(trained) -> None:
-    """Recall of the planted driver populations in the population-level SHAP ranking.
-
-    truth.json plants 5 driver populations (CD4 T, CD8 T, Monocytes, NK, Treg) among the 20
-    gated ones. Measured with out-of-fold SHAP (default model, 5-fold × 2 CV, seed = cohort
-    seed) on simulated cohorts of 1500 cells per sample, with the treatment arm as a clinical
-    covariate (the demo's setting), and a child gate's feature counted for its parent when
-    the two read the same (same marker, statistic and contrast, |Spearman ρ| ≥ 0.9 over the
-    patients; 32–51 of ~2400 features per cohort). "own gate" counts every feature for its
-    own population (``same_readout_rho=None``), as before:
-
-    ========  =====  ========  ========  ==================  =====  ======================
-    patients  seed   recall@5  recall@8  drivers' mean rank  AUROC  own gate (@5, @8, rank)
-    ========  =====  ========  ========  ==================  =====  ======================
-    40        0      0.4       0.6       7.0                 0.91   0.4, 0.4, 8.6
-    40        1      0.6       0.8       6.0                 0.85   0.6, 0.8, 5.8
-    40        2      0.4       0.6       6.6                 0.80   0.4, 0.6, 7.4
-    40        3      0.2       0.6       8.2                 0.80   0.2, 0.6, 8.2
-    40        6      0.4       0.8       5.8                 0.82   0.2, 0.8, 7.0
-    40        7      0.4       0.8       6.8                 0.74   0.2, 0.4, 9.0
-    40        8      0.6       0.6       6.8                 0.74   0.4, 0.6, 6.8
-    40        9      0.8       1.0       3.8                 0.80   0.4, 0.4, 7.8
-    60        4      0.8       0.8       4.0                 0.63   0.6, 0.8, 4.8
-    60        5      0.4       1.0       5.0                 0.70   0.2, 0.8, 6.6
-    mean of 10       0.50      0.76      6.0                 0.78   0.36, 0.62, 7.2
-    chance           0.25      0.40      10.5
-    ========  =====  ========  ========  ==================  =====  ======================
-
-    The drivers rank well above chance, but not reliably all at the very top. The features
-    are right: each driver's gated feature tracks its truth.json value at Spearman r ≥ 0.977.
-    What limits the ranking is what 40 patients can show. Refitting the same CV on outcomes
-    permuted within arm (seed 0), only two populations collect more importance than under
-    the null (CD8 memory via PD-1, Classical mono via % live: the best readouts of the CD8 T
-    PD-1 and Monocytes drivers); the other drivers' importance is at the null level. CD8
-    memory PD-1 stays apart from CD8 T PD-1 (naive cells dilute the parent's, ρ < 0.9), and
-    every population's % of live cells moves when CD8 T cells expand. Tried without effect
-    (6 cohorts each, before the batch-gate fix): driver weights × 2 (best AUROC 0.91 → 0.96),
-    weights balanced so each driver moves the log-odds by ~1 SD, 120 patients (3 cohorts,
-    recall@5 0.4 each), depth-1 boosters, no feature filter, independent IL-7 effects
-    between patients, summing SHAP over the lineage tree (parents would collect their
-    children's importance whatever the signal; here only readouts the data cannot tell
-    apart move). Crediting at ρ ≥ 0.8 instead gives 0.56 / 0.84 / 5.6; not adopted: that
-    threshold would be picked after seeing recall, and ρ = 0.8 leaves a third of the variance
-    unshared, which is not "the same readout".
-    Floors, from the worst of the 10 cohorts: recall@(k+3) ≥ 0.6 (3 of 5 drivers in the top
-    8) and a mean rank better than chance. They catch a ranking that has lost the drivers,
-    not a proof that the drivers lead it.
-    """
-    truth = json.loads(Path(trained.cohort.truth).read_text())
-    drivers = _driver_populations(truth)
+def _driver_ranking(bundle, truth_path: Path) -> SimpleNamespace:
+    """The population-level SHAP ranking of a bundle against truth.json's driver populations:
+    recall@k for k = the number of drivers and k + 3, the drivers' mean rank, and chance."""
+    drivers = _driver_populations(json.loads(Path(truth_path).read_text()))
     k = len(drivers)
-    ex = explain_bundle(trained.bundle, interactions=False)
+    ex = explain_bundle(bundle, interactions=False)
     table = ex.frame("population").set_index("group")
     ranking = list(table.index)
     assert ex.covariates == ["arm"] and "arm" not in ranking and len(ranking) == 20  # ranked apart
-    recall = {kk: len(set(ranking[:kk]) & set(drivers)) / k for kk in (k, k + 3)}
     n = len(ranking)
-    chance = {kk: kk / n for kk in (k, k + 3)}
-    mean_rank = float(table["rank"].reindex(drivers).fillna(n).mean())
-    print(f"\n{ex.source} SHAP, {N_PATIENTS} patients: drivers {drivers}")
-    print(f"ranks: {table['rank'].reindex(drivers).to_dict()}; top {k + 3}: {ranking[:k + 3]}")
-    print(f"recall@{k} = {recall[k]:.2f} (chance {chance[k]:.2f}); "
-          f"recall@{k + 3} = {recall[k + 3]:.2f} (chance {chance[k + 3]:.2f}); "
-          f"drivers' mean rank {mean_rank:.1f} of {n} (chance {(n + 1) / 2:.1f})")
+    r = SimpleNamespace(
+        drivers=drivers, k=k, n=n, ranking=ranking,
+        ranks=table["rank"].reindex(drivers).fillna(n),
+        recall={kk: len(set(ranking[:kk]) & set(drivers)) / k for kk in (k, k + 3)},
+        chance={kk: kk / n for kk in (k, k + 3)},
+    )
+    r.mean_rank = float(r.ranks.mean())
+    print(f"\n{ex.source} SHAP: drivers {drivers}")
+    print(f"ranks: {r.ranks.to_dict()}; top {k + 3}: {ranking[:k + 3]}")
+    print(f"recall@{k} = {r.recall[k]:.2f} (chance {r.chance[k]:.2f}); "
+          f"recall@{k + 3} = {r.recall[k + 3]:.2f} (chance {r.chance[k + 3]:.2f}); "
+          f"drivers' mean rank {r.mean_rank:.1f} of {n} (chance {(n + 1) / 2:.1f})")
     print("clinical covariates:\n" + ex.frame("covariate").round(3).to_string())
-    stab = ex.stability("population")
-    if stab is not None:
-        print("fold stability of the drivers:\n" + stab.reindex(drivers).round(2).to_string())
-    assert recall[k + 3] >= 0.6
-    assert mean_rank < (n + 1) / 2
+    return r
+
+
+def test_planted_driver_populations_rank_high_in_a_small_cohort(trained) -> None:
+    """At the demo's size (40 patients) the drivers rank above chance, not all at the top.
+
+    Over 10 cohorts (40 patients: seeds 0–3, 6–9; 60: seeds 4–5): recall@5 0.50 (0.2–0.8),
+    recall@8 0.76 (0.6–1.0), drivers' mean rank 6.0 (chance 0.25, 0.40, 10.5); this seed
+    0.4, 0.6, 7.0. At this size most of the importance outside the drivers is noise: refitting
+    on permuted outcomes, only the best readouts of the two strongest drivers beat the null.
+    :func:`test_planted_drivers_rank_at_the_top_of_a_larger_cohort` checks the ranking where
+    the drivers can be seen. Floors (the worst of the 10): recall@8 ≥ 0.6 and a mean rank
+    better than chance.
+    """
+    r = _driver_ranking(trained.bundle, trained.cohort.truth)
+    assert r.recall[r.k + 3] >= 0.6
+    assert r.mean_rank < (r.n + 1) / 2
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """A 200-patient cohort trained as the demo is, without the permutation test."""
+    root = tmp_path_factory.mktemp("il7-large")
+    cohort = simulate_cohort(root / "cohort", n_patients=N_LARGE, seed=SEED,
+                             cells_per_sample=CELLS, n_jobs=2)
+    cfg = demo_config(root, cohort, seed=SEED)
+    cfg = replace(cfg, cv=replace(cfg.cv, permutations=0, bootstrap=100))
+    exp = run_experiment(cfg)
+    _write_oof_tables(Path(exp.bundle), exp.training)
+    return SimpleNamespace(cohort=cohort, bundle=load_bundle(exp.bundle))
+
+
+def test_planted_drivers_rank_at_the_top_of_a_larger_cohort(large) -> None:
+    """Recall of the planted driver populations in the population-level SHAP ranking.
+
+    truth.json plants 5 driver populations (CD4 T, CD8 T, Monocytes, NK, Treg) among the 20
+    gated ones. Measured as the demo trains (out-of-fold SHAP, default model, 5-fold × 2 CV,
+    seed = cohort seed, arm as a clinical covariate, 1500 cells per sample; a child gate's
+    feature counts for its parent when both read the same, |Spearman ρ| ≥ 0.9):
+
+    ========  =======  ===============  ===============  ==================  ===========
+    patients  cohorts  recall@5         recall@8         drivers' mean rank  AUROC
+    ========  =======  ===============  ===============  ==================  ===========
+    40 / 60   10       0.50 (0.2–0.8)   0.76 (0.6–1.0)   6.0 (3.8–8.2)       0.78
+    120       10       0.62 (0.4–0.8)   0.78 (0.6–1.0)   5.0 (4.2–5.8)       0.82
+    200       10       0.64 (0.6–0.8)   0.76 (0.6–0.8)   5.4 (4.2–6.8)       0.84
+    chance             0.25             0.40             10.5
+    ========  =======  ===============  ===============  ==================  ===========
+
+    Ranks per driver at 200 patients (median, range over the 10 cohorts; weight in the
+    linear predictor): Monocytes 2 (1–4; hinge −3.2), Treg 2 (1–8; −0.8), CD8 T 3.5 (1–9;
+    +2.2 expansion, −0.6 PD-1), CD4 T 5.5 (1–11; +0.8 IL-2), NK 12 (3–14; +0.6 × CD8 IFNγ).
+    Past ~120 patients more patients do not move the ranking: what keeps a driver from the
+    top is that the simulated biology ties it to other subsets, not noise. NK's term is an
+    interaction of two on-treatment changes that rise together under IL-7, so its own main
+    effect is small. Every IL-7 effect follows the patient's responsiveness, and CD8 T
+    expansion lowers every other subset's % of live cells, so non-driver subsets carry the
+    predictive drivers' signal too (seed 0, Spearman ρ with the driver feature over the 200
+    patients: T cells Δ % live 0.85 and Monocytes Δ % live −0.82 with CD8 T's; γδ T Δ IL-2
+    0.73 with CD4 T's), and the model may split on those instead. The seed-0 cohort: recall@5
+    0.8, recall@8 0.8, mean rank 4.2. Floors, from the worst of the 10: recall@5 ≥ 0.6 (3 of
+    the 5 drivers are the top 5), mean rank ≤ 7, and the strongest driver in the top 5.
+    """
+    r = _driver_ranking(large.bundle, large.cohort.truth)
+    assert r.recall[r.k] >= 0.6  # 3 of the 5 drivers are the top 5 of 20 populations
+    assert r.recall[r.k + 3] >= 0.6
+    assert r.mean_rank <= 7.0
+    assert r.ranks["Monocytes"] <= 5  # the strongest driver (weight −3.2)
 
 
 def test_report_shows_the_covariates_apart(report) -> None:
