@@ -17,10 +17,8 @@ from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
-from scipy.ndimage import gaussian_filter1d
-from scipy.signal import find_peaks
 
-from predictor._density import main_mode, valley_center
+from predictor._density import find_peaks, main_mode, smooth_counts, valley_center
 from predictor.io.panel import Panel, normalize_marker
 
 __all__ = [
@@ -437,7 +435,7 @@ def _density(x: np.ndarray, *, bins: int = 256, smooth: float = 2.0) -> _Density
     at = np.searchsorted(x, edges, side="left")
     at[-1] = np.searchsorted(x, edges[-1], side="right")
     counts = np.diff(at)
-    values = gaussian_filter1d(counts.astype(np.float64), smooth, mode="constant")
+    values = smooth_counts(counts, smooth)
     return _Density(centers=(edges[:-1] + edges[1:]) / 2, values=values,
                     step=float(edges[1] - edges[0]))
 
@@ -460,7 +458,7 @@ def _valleys(d: _Density, *, min_separation: float, max_ratio: float = 0.5,
     # Peaks are found on the square root of the density, so a small population beside a huge
     # spike (beads beside the zeros of cells in bead channels) still counts as a mode.
     root = np.sqrt(np.concatenate([[0.0], vals, [0.0]]))
-    peaks, _ = find_peaks(root, prominence=0.05 * root.max())
+    peaks = find_peaks(root, prominence=0.05 * root.max())
     peaks = peaks - 1
     total = vals.sum()
     out = []

@@ -27,10 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from scipy.ndimage import gaussian_filter1d
-from scipy.signal import find_peaks
 
-from predictor._density import main_mode, valley_center
+from predictor._density import find_peaks, main_mode, smooth_counts, valley_center
 from predictor.errors import GatingError
 from predictor.io.panel import normalize_marker
 
@@ -240,7 +238,7 @@ def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
     at[-1] = np.searchsorted(s, edges[-1], side="right")
     counts = np.diff(at)
     sigma = bandwidth / step
-    values = gaussian_filter1d(counts.astype(np.float64), sigma, mode="constant")
+    values = smooth_counts(counts, sigma)
     return _Density((edges[:-1] + edges[1:]) / 2, values, counts, float(step), float(sigma))
 
 
@@ -303,7 +301,7 @@ def valley_threshold(
     if d is None:
         return float("nan"), float("nan")
     root = np.sqrt(d.values)
-    peaks, _ = find_peaks(root, prominence=_PROMINENCE * root.max())
+    peaks = find_peaks(root, prominence=_PROMINENCE * root.max())
     if len(peaks) < 2:
         return float("nan"), float("nan")
     per_unit = 2.0 * math.sqrt(math.pi) * d.sigma  # raw counts behind one smoothed count
