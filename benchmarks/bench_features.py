@@ -45,6 +45,7 @@ def _cohort(root: Path, n_files: int, cells: int) -> pd.DataFrame:
                      "timepoint": src["timepoint"], "condition": src["condition"], "batch": src["batch"]})
     pd.DataFrame(rows).to_csv(root / "samples.csv", index=False)
     shutil.copyfile(c.panel, root / "panel.csv")
+    os.sync()  # the files just written reach the disk now, not while a case reads them
     return read_sample_sheet(root / "samples.csv")
 
 
