@@ -356,3 +356,14 @@ def test_float32_cut_counts_like_the_float64_threshold() -> None:
     for ti, ci in zip(t[:-1], cut[:-1], strict=True):
         assert np.searchsorted(x, ci, side="right") == np.count_nonzero(x <= ti)
     assert np.isnan(cut[-1])
+
+
+def test_fractions_positive_count_ties_and_nan_as_a_sort_does() -> None:
+    # 0 and the threshold itself are not above it; NaN sorts last, so it counts as above
+    cells = pd.DataFrame({"A": np.array([0, 0, 2.0, 5, 5, np.nan], dtype=np.float32)})
+    membership = pd.DataFrame({"P": [True] * 6})
+    pops = pd.DataFrame({"population": ["P"], "count": [6], "pct_parent": [100.0],
+                         "pct_live": [100.0]})
+    st = sample_statistics(cells, membership, pops, markers=["A"], statistics=["frac_pos"],
+                           frac_pos_threshold=2.0, min_cells=1)
+    assert st["value"].tolist() == [3 / 6]
