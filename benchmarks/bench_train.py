@@ -27,8 +27,10 @@ import pandas as pd
 
 from benchmarks._common import BenchResult, best_time
 from predictor.config import CVConfig, ModelConfig, load_experiment
-from predictor.demo import DEMO_CELLS, DEMO_PATIENTS
+from predictor.demo import DEMO_CELLS
 from predictor.simulate import simulate_cohort
+
+TRIAL_PATIENTS = 60  # a trial-sized cohort (the demo's is larger), comparable between runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +87,7 @@ def _one_fit_seconds(X: pd.DataFrame, y: pd.Series, model: ModelConfig) -> float
 def run(quick: bool = False) -> list[BenchResult]:
     from predictor.model.train import train_model
 
-    n = 30 if quick else DEMO_PATIENTS
+    n = 30 if quick else TRIAL_PATIENTS
     X, clinical = _features(n)
     y = clinical["response"].reindex(X.index)
     X, covariates, strata = _with_arm(X, clinical)

@@ -240,7 +240,7 @@ def report_cmd(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for data, mlflow.db, mlruns/, models/, outputs.")] = Path("."),
-    patients: Annotated[int, typer.Option(help="Training patients to simulate.")] = 60,
+    patients: Annotated[int, typer.Option(help="Training patients to simulate.")] = 200,
     new_patients: Annotated[int, typer.Option(help="Held-out patients to score.")] = 12,
     cells_per_sample: Annotated[int, typer.Option(help="Mean events per FCS file.")] = 4000,
     permutations: Annotated[int | None, typer.Option(help="Label permutations of the AUROC test.")] = None,

@@ -29,7 +29,9 @@ from predictor.simulate import SimulatedCohort, simulate_cohort
 
 __all__ = ["DemoResult", "run_demo", "demo_config", "DEMO_PATIENTS", "DEMO_NEW_PATIENTS"]
 
-DEMO_PATIENTS = 60
+# 200 training patients: enough for the planted drivers to be seen (at 40–60 patients most
+# of the importance outside the strongest drivers is noise; README, "Which cell subsets").
+DEMO_PATIENTS = 200
 DEMO_NEW_PATIENTS = 12
 DEMO_CELLS = 4000
 

@@ -236,7 +236,7 @@ def _driver_ranking(bundle, truth_path: Path) -> SimpleNamespace:
 
 
 def test_planted_driver_populations_rank_high_in_a_small_cohort(trained) -> None:
-    """At the demo's size (40 patients) the drivers rank above chance, not all at the top.
+    """At a trial's size (40 patients) the drivers rank above chance, not all at the top.
 
     Over 10 cohorts (40 patients: seeds 0–3, 6–9; 60: seeds 4–5): recall@5 0.50 (0.2–0.8),
     recall@8 0.76 (0.6–1.0), drivers' mean rank 6.0 (chance 0.25, 0.40, 10.5); this seed
