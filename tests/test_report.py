@@ -61,16 +61,23 @@ def _write_oof_tables(bundle_path: Path, training) -> None:
         fi.to_csv(bundle_path / "fold_importance.csv", index=False)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("il7")
-    cohort = simulate_cohort(root / "cohort", n_patients=N_PATIENTS, seed=SEED,
+def _simulate_and_train(root: Path, n_patients: int, *, permutations: int,
+                        bootstrap: int) -> SimpleNamespace:
+    """Simulate a cohort and run the demo's experiment on it (fewer permutations and
+    bootstraps), keeping the out-of-fold SHAP tables in the bundle."""
+    cohort = simulate_cohort(root / "cohort", n_patients=n_patients, seed=SEED,
                              cells_per_sample=CELLS, n_jobs=2)
     cfg = demo_config(root, cohort, seed=SEED)
-    cfg = replace(cfg, cv=replace(cfg.cv, permutations=10, bootstrap=200))
+    cfg = replace(cfg, cv=replace(cfg.cv, permutations=permutations, bootstrap=bootstrap))
     exp = run_experiment(cfg)
     _write_oof_tables(Path(exp.bundle), exp.training)
     return SimpleNamespace(root=root, cohort=cohort, exp=exp, bundle=load_bundle(exp.bundle))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _simulate_and_train(tmp_path_factory.mktemp("il7"), N_PATIENTS, permutations=10,
+                               bootstrap=200)
 
 
 @pytest.fixture(scope="module")
@@ -254,14 +261,8 @@ def test_planted_driver_populations_rank_high_in_a_small_cohort(trained) -> None
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
     """A 200-patient cohort trained as the demo is, without the permutation test."""
-    root = tmp_path_factory.mktemp("il7-large")
-    cohort = simulate_cohort(root / "cohort", n_patients=N_LARGE, seed=SEED,
-                             cells_per_sample=CELLS, n_jobs=2)
-    cfg = demo_config(root, cohort, seed=SEED)
-    cfg = replace(cfg, cv=replace(cfg.cv, permutations=0, bootstrap=100))
-    exp = run_experiment(cfg)
-    _write_oof_tables(Path(exp.bundle), exp.training)
-    return SimpleNamespace(cohort=cohort, bundle=load_bundle(exp.bundle))
+    return _simulate_and_train(tmp_path_factory.mktemp("il7-large"), N_LARGE, permutations=0,
+                               bootstrap=100)
 
 
 def test_planted_drivers_rank_at_the_top_of_a_larger_cohort(large) -> None:
