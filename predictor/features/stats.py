@@ -1,7 +1,7 @@
 """Per-sample statistics of gated populations: the rows of the tidy long feature table.
 
-Medians and fractions positive come from one sort per population of its cells' marker
-values. Order statistics and thresholds commute with the (monotone) arcsinh transform, so the
+Medians, quantiles and fractions positive come from a compiled radix selection over each
+population's cells (:mod:`predictor._kernels`), exact as a sort. Order statistics and thresholds commute with the (monotone) arcsinh transform, so the
 cells may also be given raw, with their cofactors: nothing but the few order statistics that
 become features is ever transformed.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from predictor._kernels import order_statistics
 
 __all__ = ["sample_statistics", "positivity_thresholds", "reference_statistics"]
 
@@ -63,10 +65,10 @@ def _summarise(
     quantile: float | None = None,
     cofactors: Mapping[str, float] | None = None,
 ) -> _Summary:
-    """Medians, fractions positive and a quantile per population × marker, one sort each.
+    """Medians, fractions positive and a quantile per population × marker.
 
     ``frac_pos_threshold=None`` with a ``quantile`` cuts each population at its own quantile
-    (an unstimulated sample gated by itself), from the same sort.
+    (an unstimulated sample gated by itself), from the same selection.
     """
     pops = list(membership.columns)
     shape = (len(pops), len(markers))
@@ -96,19 +98,21 @@ def _summarise(
         n = len(at)
         if n < max(min_cells, 1):
             continue
-        # Sorting beats selection here: CyTOF values tie a lot (zeros), which sends
-        # np.partition's quickselect towards its slow path.
-        s = np.sort(np.take(x, at, axis=1), axis=1)
-        median[i] = (scale(s[:, (n - 1) // 2]) + scale(s[:, n // 2])) / 2
+        ranks = [(n - 1) // 2, n // 2]
         if quantile is not None:
             pos = quantile * (n - 1)  # linear interpolation, as np.quantile
             a = int(np.floor(pos))
-            va, vb = scale(s[:, a]), scale(s[:, min(a + 1, n - 1)])
+            ranks += [a, min(a + 1, n - 1)]
+        s, above = order_statistics(x, at, np.array(ranks), cut32[i])
+        median[i] = (scale(s[:, 0]) + scale(s[:, 1])) / 2
+        if quantile is not None:
+            va, vb = scale(s[:, 2]), scale(s[:, 3])
             qv[i] = va + (pos - a) * (vb - va)
-            if own:
+            if own:  # cut at its own quantile: count again, above it
                 raw_thr[i], cut32[i] = raw_cut(qv[i])
-        for j in np.flatnonzero(~np.isnan(raw_thr[i])):  # count above t: a binary search
-            frac[i, j] = (n - np.searchsorted(s[j], cut32[i, j], side="right")) / n
+                _, above = order_statistics(x, at, np.array([], dtype=np.int64), cut32[i])
+        has = ~np.isnan(raw_thr[i])
+        frac[i, has] = above[has] / n
     return _Summary(pops, median, frac, qv)
 
 
