@@ -150,7 +150,7 @@ def transform(
     if method == "none":
         return out
     cof = panel.cofactors()
-    roles = dict(zip(panel.table["marker"], panel.table["role"], strict=True))
+    roles = panel.roles()
     cols = [c for c in out.columns if c in cof and roles[c] not in _UNTRANSFORMED]
     if cols:
         out[cols] = arcsinh(out[cols], {c: cof[c] for c in cols})
@@ -247,7 +247,7 @@ def cleanup_mask(
         )
     n = len(cells)
     cof = panel.cofactors()
-    roles = dict(zip(panel.table["marker"], panel.table["role"], strict=True))
+    roles = panel.roles()
 
     def cols(*wanted: str) -> list[str]:
         return [c for c in cells.columns if roles.get(c) in wanted]
@@ -328,7 +328,7 @@ def kept_cells(cells: pd.DataFrame, panel: Panel, rows: np.ndarray, *, transform
                ) -> pd.DataFrame:
     """The lineage and functional marker columns of ``cells`` at ``rows`` (a boolean mask),
     arcsinh-transformed unless ``transformed=False``, with a fresh index."""
-    roles = dict(zip(panel.table["marker"], panel.table["role"], strict=True))
+    roles = panel.roles()
     markers = [c for c in cells.columns if roles.get(c) in ("lineage", "functional")]
     block = _select_rows(cells, markers, rows)  # markers × kept cells, a fresh copy
     if transformed and markers:  # in place: arcsinh(x / cofactor), as transform() does
