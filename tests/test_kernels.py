@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from predictor._kernels import order_statistics
+from predictor._kernels import order_statistics, sort
 
 SPECIAL = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-40, 3.5, -2.0, 3.5000002],
                    dtype=np.float32)
@@ -75,3 +75,22 @@ def test_order_statistics_on_a_large_tied_population():
     want_values, want_above = _by_sorting(x, at, ranks, cuts)
     np.testing.assert_array_equal(values, want_values)
     np.testing.assert_array_equal(above, want_above)
+
+
+@pytest.mark.parametrize("kind", ["normal", "integers", "cytof", "special", "huge"])
+def test_sort_equals_numpy(kind):
+    rng = np.random.default_rng(len(kind) + 10)
+    for n in (1, 2, 7, 300, 5000, 70_000):
+        v = _values(kind, rng, (1, n))[0]
+        np.testing.assert_array_equal(sort(v), np.sort(v))
+    strided = _values(kind, rng, (2, 1000))[:, 3]  # not contiguous
+    np.testing.assert_array_equal(sort(strided), np.sort(strided))
+
+
+def test_sort_other_dtypes_and_empty_are_numpy_sorts():
+    v = np.array([3.0, np.nan, -1.0, 2.0])
+    assert sort(v).dtype == np.float64
+    np.testing.assert_array_equal(sort(v), np.sort(v))
+    assert sort(np.array([], dtype=np.float32)).size == 0
+    np.testing.assert_array_equal(sort(np.array([[2, 1], [0, 5]], dtype=np.float32)),
+                                  [[1, 2], [0, 5]])
