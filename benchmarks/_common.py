@@ -6,10 +6,13 @@ and reports the ratio, so numbers from different machines can be compared.
 
 from __future__ import annotations
 
+import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -46,3 +49,66 @@ def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux: ru_maxrss is KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below ``root`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _peak_rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class DescendantPeakRSS:
+    """Largest peak resident memory (VmHWM) of any process below this one while the ``with``
+    block runs: worker processes of a pool, which ``RUSAGE_CHILDREN`` misses (they are
+    children of a forkserver that outlives the block) or mixes with earlier children.
+
+    Polls /proc every ``interval`` seconds; a worker's peak is its high-water mark, so a poll
+    late in its life sees it. Linux only (elsewhere the result is NaN).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_mb = float("nan")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> DescendantPeakRSS:
+        if Path("/proc/self/status").exists():
+            self.peak_mb = 0.0
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+
+    def _poll(self) -> None:
+        me = os.getpid()
+        while True:
+            for pid in _descendants(me):
+                self.peak_mb = max(self.peak_mb, _peak_rss_kib(pid) / 1024)
+            if self._stop.wait(self.interval):
+                return

@@ -7,13 +7,13 @@ cache (warm: the files were just written, so this is the CPU cost of parsing) an
 (cold: each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` first, as for
 a cohort read for the first time). The pipeline likewise; the default (2 workers, from disk)
 runs first, so it pays for starting the worker pool as a command-line run does. Also: 1 vs 2
-workers and the peak resident memory of a worker process.
+workers and the peak resident memory of the pool's processes (workers and the forkserver they
+are forked from; their high-water marks, polled from /proc while the 2-worker pipeline runs).
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks._common import BenchResult
+from benchmarks._common import BenchResult, DescendantPeakRSS
 from predictor.config import FeatureConfig
 from predictor.features import extract_features
 from predictor.io.fcs import read_fcs
@@ -77,10 +77,6 @@ def _read_time(paths: list[str], *, cold: bool, repeats: int = 3) -> tuple[float
     return best, n_events
 
 
-def _child_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def run(quick: bool = False) -> list[BenchResult]:
     n_files, cells = (20, 50_000) if quick else (100, 200_000)
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
@@ -94,10 +90,12 @@ def run(quick: bool = False) -> list[BenchResult]:
         for workers, cold in ((2, True), (1, False), (2, False), (1, True)):
             if cold:
                 _evict(paths)
-            t0 = time.perf_counter()
-            extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
-            timings[workers, cold] = time.perf_counter() - t0
-        peak = _child_peak_mb()
+            with DescendantPeakRSS() as rss:  # the workers' memory (none inline)
+                t0 = time.perf_counter()
+                extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
+                timings[workers, cold] = time.perf_counter() - t0
+            if workers == 2 and not cold:
+                peak = rss.peak_mb
     return [
         BenchResult(f"features, {n_files} files × {cells // 1000}k events, 1 worker",
                     timings[1, False], "s", read_warm, "reading the files once (page cache)",
@@ -110,6 +108,6 @@ def run(quick: bool = False) -> list[BenchResult]:
                     "ratio ≈ 0.5–0.6"),
         BenchResult("throughput, 2 workers", n_events / timings[2, False] / 1e6, "M events/s",
                     n_events / read_warm / 1e6, "read throughput (page cache)"),
-        BenchResult("peak RSS of a worker process", peak, "MiB",
+        BenchResult("peak RSS of a pool process (worker or forkserver)", peak, "MiB",
                     cells * 38 * 4 / 2**20, "one sample's event bytes"),
     ]
