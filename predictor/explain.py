@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -591,12 +591,12 @@ def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
     """Explanations of a bundle's model (out-of-fold SHAP and fold importances when stored);
     the population lineage comes from the bundle's gating."""
     X = bundle.train_features()
-    more = _read_table(bundle.path / "features_oof.csv", index_col=0)  # features of fold models
+    more = _read_table(bundle.path / "features_oof.csv", indexed=True)  # features of fold models
     if more is not None:
         X = X.copy()
         X.index, more.index = X.index.astype(str), more.index.astype(str)
         X = X.join(more[[c for c in more.columns if c not in X.columns]])
-    oof = _read_table(bundle.path / "oof_shap.csv", index_col=0)
+    oof = _read_table(bundle.path / "oof_shap.csv", indexed=True)
     if oof is not None:
         oof.index = oof.index.astype(str)
         X = X.copy()
@@ -614,8 +614,14 @@ def explain_bundle(bundle: Bundle, *, k: int = 5, interactions: bool = True,
                          same_readout_rho=same_readout_rho, null_importance=null)
 
 
-def _read_table(path: Path, **kw: Any) -> pd.DataFrame | None:
-    return pd.read_csv(path, **kw) if path.is_file() else None
+def _read_table(path: Path, *, indexed: bool = False) -> pd.DataFrame | None:
+    """A bundle table, or None when the bundle lacks it; ``indexed`` tables have patient ids
+    as their index (kept as strings)."""
+    from predictor.model.bundle import read_indexed_csv
+
+    if not path.is_file():
+        return None
+    return read_indexed_csv(path) if indexed else pd.read_csv(path)
 
 
 # ------------------------------------------------------------------------------ words

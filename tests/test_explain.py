@@ -491,3 +491,25 @@ def test_explanations_plot_is_a_png(model_parts) -> None:
     ex = explain_model(model_parts["booster"], model_parts["features"], model_parts["meta"], interactions=False)
     png = ex.plot("marker")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_patient_ids_with_leading_zeros_survive_the_bundle_tables(model_parts, tmp_path) -> None:
+    """Ids such as '007' are strings: reading the bundle's CSV tables back must not turn them
+    into numbers (7), which would misalign the out-of-fold SHAP values, the fold models'
+    features and the out-of-fold predictions with the training matrix."""
+    X = model_parts["features"].copy()
+    X.index = pd.Index([f"{i:03d}" for i in range(len(X))], name="patient_id")
+    oof = model_parts["oof"].set_axis(X.index)
+    saved = save_bundle(tmp_path, "il7", **{**model_parts, "features": X, "oof": oof})
+    _write_oof_tables(saved, model_parts["booster"], X)
+    from predictor.features.matrix import feature_name
+
+    fold_only = feature_name("NK", "", "pct_live", "unstim", "baseline")  # not in X
+    X.iloc[:, :1].set_axis([fold_only], axis=1).to_csv(saved / "features_oof.csv")
+    oof_shap = pd.read_csv(saved / "oof_shap.csv", index_col=0, dtype={"patient_id": str})
+    oof_shap.assign(**{fold_only: 0.01}).to_csv(saved / "oof_shap.csv")
+    bundle = load_bundle(saved)
+    assert list(bundle.oof().index[:3]) == ["000", "001", "002"]
+    ex = explain_bundle(bundle)
+    assert ex.source == "out-of-fold" and list(ex.values.index[:3]) == ["000", "001", "002"]
+    assert ex.data[fold_only].notna().all()  # joined on the ids, not on 0, 1, 2

@@ -87,10 +87,15 @@ class Bundle:
         return pd.read_parquet(self.path / "features_train.parquet")
 
     def oof(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "oof.csv", index_col=0)
+        return read_indexed_csv(self.path / "oof.csv")
 
     def metrics(self) -> dict[str, Any]:
         return json.loads((self.path / "metrics.json").read_text())
+
+
+def read_indexed_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A bundle table indexed by patient id: the ids stay strings ('007' is not 7)."""
+    return pd.read_csv(path, index_col=0, converters={0: str})
 
 
 def _versions(root: Path) -> list[int]:
