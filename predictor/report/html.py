@@ -109,7 +109,9 @@ def _versions() -> str:
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
+    """A bundle table (ids stay strings: '007' is not 7), or None when it is missing."""
+    ids = {"sample_id": str, "patient_id": str}
+    return pd.read_csv(path, dtype=ids) if path.is_file() else None
 
 
 def _e(x: Any) -> str:
