@@ -155,7 +155,6 @@ def order_statistics(x: np.ndarray, at: np.ndarray, ranks: np.ndarray, cuts: np.
                              np.ascontiguousarray(cuts, dtype=np.float32))
 
 
-
 @njit("float32[::1](float32[::1])", cache=True, nogil=True)
 def _radix_sort(v):
     n = v.shape[0]

@@ -1,9 +1,10 @@
 """Per-sample statistics of gated populations: the rows of the tidy long feature table.
 
 Medians, quantiles and fractions positive come from a compiled radix selection over each
-population's cells (:mod:`predictor._kernels`), exact as a sort. Order statistics and thresholds commute with the (monotone) arcsinh transform, so the
-cells may also be given raw, with their cofactors: nothing but the few order statistics that
-become features is ever transformed.
+population's cells (:mod:`predictor._kernels`), exact as a sort. Order statistics and
+thresholds commute with the (monotone) arcsinh transform, so the cells may also be given raw,
+with their cofactors: nothing but the few order statistics that become features is ever
+transformed.
 """
 
 from __future__ import annotations
