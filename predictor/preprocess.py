@@ -258,8 +258,11 @@ def cleanup_mask(
         return arcsinh(raw, [cof.get(c, 5.0) for c in columns]) if columns else raw
 
     def above(column: str, thr: float) -> np.ndarray:
-        """arcsinh(x / cofactor) > thr, compared on the raw scale (no transform)."""
-        return cells[column].to_numpy() > cof.get(column, 5.0) * math.sinh(thr)
+        """arcsinh(x / cofactor) > thr, compared on the raw scale (no transform). A threshold
+        beyond float32's range (e.g. 100, to switch a gate off) becomes inf: nothing is above
+        it, without numpy's overflow warning."""
+        with np.errstate(over="ignore"):
+            return cells[column].to_numpy() > cof.get(column, 5.0) * math.sinh(thr)
 
     keep = np.ones(n, dtype=bool)
     used: dict[str, float] = {}
