@@ -104,7 +104,7 @@ def run(quick: bool = False) -> list[BenchResult]:
                     "reading the files once from disk", "ratio ≤ 3"),
         BenchResult("features from disk, 2 workers (default)", timings[2, True], "s", read_cold,
                     "reading the files once from disk", "ratio ≤ 3"),
-        BenchResult("features, 2 workers", timings[2, False], "s", read_warm,
+        BenchResult("features, 2 workers (page cache)", timings[2, False], "s", read_warm,
                     "reading the files once (page cache)", "ratio ≤ 3"),
         BenchResult("features, 2 workers", timings[2, False], "s", timings[1, False], "1 worker",
                     "ratio ≈ 0.5–0.6"),

@@ -162,7 +162,7 @@ def _radix_sort(v):
     dst = np.empty(n, dtype=np.uint32)
     hist = np.zeros((3, 2048), dtype=np.int64)  # one pass counts all three digits
     for i in range(n):
-        k = np.uint32(_key(v[i]))
+        k = _key(v[i])
         src[i] = k
         hist[0, k & np.uint32(0x7FF)] += 1
         hist[1, (k >> np.uint32(11)) & np.uint32(0x7FF)] += 1
