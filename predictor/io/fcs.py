@@ -697,11 +697,27 @@ def _read_rows(header: FCSHeader, dtype: np.dtype, rows: np.ndarray) -> np.ndarr
     row_bytes = p * dtype.itemsize
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(rows)]])
+    runs = list(zip(starts.tolist(), ends.tolist(), strict=True))
     with open(header.path, "rb", buffering=0) as fh:
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        if len(runs) > 1:  # a file not yet in the page cache: read every run at once
+            _will_need(fh, [(header.data_start + int(rows[a]) * row_bytes, (b - a) * row_bytes)
+                            for a, b in runs])
+        for a, b in runs:
             fh.seek(header.data_start + int(rows[a]) * row_bytes)
             _read_into(fh, view[a * row_bytes : b * row_bytes], header)
     return out
+
+
+def _will_need(fh, ranges: list[tuple[int, int]]) -> None:
+    """Tell the kernel which (offset, length) byte ranges of ``fh`` are read next, so a file
+    not yet in the page cache has all of them read from disk at once (in parallel) instead of
+    one blocking read after another. Does nothing where the call is missing (not Linux)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    fd = fh.fileno()
+    for offset, length in ranges:
+        advise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 def _masks(header: FCSHeader) -> list[int | None]:
