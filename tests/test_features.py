@@ -63,6 +63,18 @@ def test_sample_statistics_by_hand() -> None:
     assert ("A", "CD3", "median") not in v.index  # only the markers asked for
 
 
+def test_sample_statistics_from_masks_equal_those_from_the_frame() -> None:
+    masks = {name: MEMBERSHIP[name].to_numpy() for name in MEMBERSHIP.columns}
+    args = {"markers": ["IFNg", "TNFa"], "statistics": ALL_STATS, "frac_pos_threshold": 2.0,
+            "min_cells": 2}
+    pd.testing.assert_frame_equal(sample_statistics(CELLS, masks, POPS, **args),
+                                  sample_statistics(CELLS, MEMBERSHIP, POPS, **args))
+    ref = {"markers": ["IFNg"], "statistics": ALL_STATS, "quantile": 0.5, "min_cells": 2}
+    got, want = (reference_statistics(CELLS, m, POPS, **ref) for m in (masks, MEMBERSHIP))
+    pd.testing.assert_frame_equal(got[0], want[0])
+    assert got[1] == want[1] == {("A", "IFNg"): 2.5, ("B", "IFNg"): 1.5}
+
+
 def test_sample_statistics_per_marker_thresholds() -> None:
     v = stats(frac_pos_threshold={"IFNg": 0.5, "TNFa": 4.0})
     assert v[("A", "IFNg", "frac_pos")] == 0.75  # 2, 3, 4 > 0.5

@@ -16,6 +16,7 @@ from predictor.populations.gating import (
     Term,
     apply_gating,
     fit_gating,
+    gate_masks,
     load_template,
     otsu_threshold,
     parse_rule,
@@ -592,6 +593,24 @@ def test_population_table_on_gated_cells_matches_labels(make_pbmc, gating) -> No
     assert table.at["CD8 T", "pct_parent"] == pytest.approx(
         100 * (labels == "CD8 T").sum() / n_t, abs=1.5
     )
+
+
+def test_gate_masks_are_the_membership_frame_and_give_the_same_table(make_pbmc, gating) -> None:
+    """Per-sample work takes the masks (no frame): the same populations, order and cells,
+    and the same population table; removed events (``live``) join no population."""
+    cells, _ = make_pbmc(2000, seed=21)
+    live = np.random.default_rng(0).random(len(cells)) > 0.2
+    frame = apply_gating(gating, cells, live=live)
+    masks = gate_masks(gating, cells, live=live)
+    assert list(masks) == list(frame.columns) == gating.populations
+    for name, mask in masks.items():
+        assert mask.dtype == bool
+        np.testing.assert_array_equal(mask, frame[name].to_numpy())
+        assert not mask[~live].any()
+    n_live = int(live.sum())
+    pd.testing.assert_frame_equal(
+        population_table(gating, masks, sample_id="S", n_live=n_live),
+        population_table(gating, frame, sample_id="S", n_live=n_live))
 
 
 def test_apply_gating_on_raw_cells_with_cofactors(make_pbmc, gating) -> None:

@@ -35,6 +35,7 @@ from predictor.populations.gating import (
     Gating,
     GatingTemplate,
     fit_gating,
+    gate_masks,
     population_table,
 )
 from predictor.preprocess import cleanup_mask, kept_cells
@@ -270,7 +271,7 @@ def _pass2(job):
     def compute():
         if gated:  # gate every event raw; removed events join no population
             cells, keep, qc = load_sample(sj.path, panel, thresholds=sj.cleanup)
-            membership = gating.apply(cells, batch=sj.batch, cofactors=cof, live=keep)
+            membership = gate_masks(gating, cells, batch=sj.batch, cofactors=cof, live=keep)
             n_live = int(np.count_nonzero(keep))
         else:
             cells, qc = clean_sample(sj.path, panel, thresholds=sj.cleanup)

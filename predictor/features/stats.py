@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from predictor._kernels import order_statistics
+from predictor.populations.gating import Membership, membership_masks
 
 __all__ = ["sample_statistics", "positivity_thresholds", "reference_statistics"]
 
@@ -58,7 +59,7 @@ def _float32_below(t: np.ndarray) -> np.ndarray:
 
 def _summarise(
     cells: pd.DataFrame,
-    membership: pd.DataFrame,
+    membership: Membership,
     markers: Sequence[str],
     *,
     min_cells: int,
@@ -71,7 +72,8 @@ def _summarise(
     ``frac_pos_threshold=None`` with a ``quantile`` cuts each population at its own quantile
     (an unstimulated sample gated by itself), from the same selection.
     """
-    pops = list(membership.columns)
+    masks = membership_masks(membership)
+    pops = list(masks)
     shape = (len(pops), len(markers))
     median, frac, qv = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     if not markers:
@@ -95,7 +97,7 @@ def _summarise(
     raw_thr, cut32 = raw_cut(_threshold_matrix(np.nan if own else frac_pos_threshold, pops,
                                                markers))
     for i, p in enumerate(pops):
-        at = np.flatnonzero(membership[p].to_numpy())
+        at = np.flatnonzero(masks[p])
         n = len(at)
         if n < max(min_cells, 1):
             continue
@@ -119,7 +121,7 @@ def _summarise(
 
 def sample_statistics(
     cells: pd.DataFrame,
-    membership: pd.DataFrame,
+    membership: Membership,
     populations: pd.DataFrame,
     *,
     markers: Sequence[str],
@@ -136,7 +138,8 @@ def sample_statistics(
         Events of the sample, columns = markers: arcsinh-transformed, or raw when
         ``cofactors`` is given.
     membership
-        Boolean cell × population membership (:func:`~predictor.populations.apply_gating`).
+        Boolean cell × population membership (:func:`~predictor.populations.apply_gating`),
+        or population → boolean mask (:func:`~predictor.populations.gating.gate_masks`).
     populations
         The sample's population table (count, pct_parent, pct_live per population).
     markers
@@ -163,7 +166,7 @@ def sample_statistics(
 
 def reference_statistics(
     cells: pd.DataFrame,
-    membership: pd.DataFrame,
+    membership: Membership,
     populations: pd.DataFrame,
     *,
     markers: Sequence[str],
@@ -216,7 +219,7 @@ def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
 
 def positivity_thresholds(
     cells: pd.DataFrame,
-    membership: pd.DataFrame,
+    membership: Membership,
     *,
     markers: Sequence[str],
     quantile: float,

@@ -41,6 +41,8 @@ __all__ = [
     "load_template",
     "fit_gating",
     "apply_gating",
+    "gate_masks",
+    "membership_masks",
     "population_table",
     "otsu_threshold",
     "valley_threshold",
@@ -820,6 +822,19 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
                  live: np.ndarray | None = None) -> pd.DataFrame:
     """Boolean membership of every cell in every gated population (columns in template order).
 
+    The same as :func:`gate_masks` as a frame.
+    """
+    masks = gate_masks(gating, cells, batch=batch, cofactors=cofactors, live=live)
+    return pd.DataFrame(masks, index=cells.index)
+
+
+def gate_masks(gating: Gating, cells: pd.DataFrame, *, batch: str | None = None,
+               cofactors: Mapping[str, float] | None = None,
+               live: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Population → boolean mask of the cells in it (populations in template order).
+
+    A frame of the masks would copy them into one block: per-sample work takes the masks.
+
     Parameters
     ----------
     gating
@@ -851,22 +866,35 @@ def apply_gating(gating: Gating, cells: pd.DataFrame, *, batch: str | None = Non
     masks = _gate(gating.resolved, gating.template.populations, _Columns(cells), thresholds,
                   len(cells), live)
     del masks[ROOT]
-    return pd.DataFrame(masks, index=cells.index)
+    return masks
 
 
-def population_table(gating: Any, membership: pd.DataFrame, *, sample_id: str,
+Membership = pd.DataFrame | Mapping[str, np.ndarray]
+
+
+def membership_masks(membership: Membership) -> dict[str, np.ndarray]:
+    """Population → boolean mask, from a membership frame (:func:`apply_gating`) or the
+    masks themselves (:func:`gate_masks`)."""
+    if isinstance(membership, pd.DataFrame):
+        return {name: membership[name].to_numpy(dtype=bool) for name in membership.columns}
+    return {name: np.asarray(mask, dtype=bool) for name, mask in membership.items()}
+
+
+def population_table(gating: Any, membership: Membership, *, sample_id: str,
                      n_live: int | None = None) -> pd.DataFrame:
     """Tidy counts of one sample: sample_id, population, parent, count, pct_parent, pct_live.
 
     ``gating`` is anything with ``parent(name)``: a :class:`Gating` or a
-    :class:`~predictor.populations.clustering.Clustering`. ``n_live`` is the number of live
-    cells when ``membership`` also has rows of removed events (in no population); by default
-    every row is a live cell.
+    :class:`~predictor.populations.clustering.Clustering`. ``membership`` is a membership
+    frame or population → mask. ``n_live`` is the number of live cells when ``membership``
+    also has rows of removed events (in no population); by default every row is a live cell.
     """
-    n_live = len(membership) if n_live is None else int(n_live)
-    names = list(membership.columns)
-    # column by column: counting along an axis of the frame's (transposed) block is slower
-    counts = {name: int(np.count_nonzero(membership[name].to_numpy())) for name in names}
+    masks = membership_masks(membership)
+    names = list(masks)
+    n_rows = len(membership) if isinstance(membership, pd.DataFrame) else (
+        len(next(iter(masks.values()))) if masks else 0)
+    n_live = n_rows if n_live is None else int(n_live)
+    counts = {name: int(np.count_nonzero(mask)) for name, mask in masks.items()}
     parents = [gating.parent(name) for name in names]
     count = np.array([counts[name] for name in names], dtype=np.int64)
     n_parent = np.array([n_live if q == ROOT else counts[q] for q in parents], dtype=np.float64)
