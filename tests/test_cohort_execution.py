@@ -250,6 +250,54 @@ def test_task_runner_pool_returns_every_job_once_and_raises_errors():
             list(runner.map(_square, [*range(10), -1]))
 
 
+def test_prefetch_reads_ahead_in_order_within_its_budget(tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+
+    from predictor.features.execution import Prefetch
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"s{i}.fcs")
+        paths[-1].write_bytes(b"x" * 100)
+    paths.insert(2, tmp_path / "missing.fcs")  # skipped: its worker reports it
+    asked, lock = [], threading.Lock()
+
+    def advise(fd, offset, length, advice):
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_WILLNEED)
+        with lock:
+            asked.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def wait_for(n):
+        for _ in range(500):
+            with lock:
+                if len(asked) >= n:
+                    break
+            time.sleep(0.01)
+        time.sleep(0.05)  # and nothing more comes
+        with lock:
+            return list(asked)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise, raising=False)
+    with Prefetch([str(p) for p in paths], budget=250) as pf:
+        time.sleep(0.05)
+        assert asked == []  # nothing before start()
+        pf.start()
+        pf.start()  # once
+        assert wait_for(2) == ["s0.fcs", "s1.fcs"]  # a third 100 bytes would pass 250
+        pf.done()  # s0 finished: the missing file (0 bytes) and s2 fit in the budget
+        assert wait_for(3) == ["s0.fcs", "s1.fcs", "s2.fcs"]
+        pf.done(2)  # s1 and the missing file: s3 fits
+        assert wait_for(4) == ["s0.fcs", "s1.fcs", "s2.fcs", "s3.fcs"]
+        pf.done()
+        assert wait_for(5) == ["s0.fcs", "s1.fcs", "s2.fcs", "s3.fcs", "s4.fcs"]
+    with Prefetch([str(p) for p in paths], budget=1) as pf:
+        pf.start()  # the first file is asked for whatever its size; then it waits
+        assert wait_for(6) == ["s0.fcs", "s1.fcs", "s2.fcs", "s3.fcs", "s4.fcs", "s0.fcs"]
+    assert not pf._thread.is_alive()  # leaving stopped it while it waited for room
+
+
 @pytest.mark.parametrize("n_events, n_rows", [(200_000, 50_000), (50_001, 50_000), (40, 39),
                                               (10, 3), (7, 1), (100, 100)])
 def test_spread_rows_reads_stretches_over_the_whole_file(n_events, n_rows):

@@ -24,7 +24,7 @@ from predictor import __version__
 from predictor.config import FeatureConfig, validate_features
 from predictor.errors import FeatureError, OutputExistsError
 from predictor.features.cache import SampleCache, file_digest, settings_digest
-from predictor.features.execution import TaskRunner
+from predictor.features.execution import Prefetch, TaskRunner
 from predictor.features.matrix import build_matrix
 from predictor.features.stats import reference_statistics, sample_statistics
 from predictor.io.fcs import read_fcs, read_fcs_header
@@ -394,7 +394,14 @@ def extract_features(
     cache_dir = str(cache) if cache is not None else None
     partners = _unstim_partners(need, cfg, strict=strict_reference) if (
         cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics) else None
-    with TaskRunner(cfg.n_jobs, scheduler) as runner:  # one pool for every pass
+    # Pass 2 reads whole files in this order (unstimulated samples first when they gate the
+    # others): on a local run the kernel reads them ahead from disk, from the gate fitting on.
+    path_of = {sid: p for sid, p, _ in rows}
+    order2 = [sid for sid, _, _ in rows] if partners is None else (
+        [sid for sid, ref in partners.items() if sid == ref]
+        + [sid for sid, ref in partners.items() if sid != ref])
+    prefetch = Prefetch([path_of[sid] for sid in order2] if scheduler is None else [])
+    with TaskRunner(cfg.n_jobs, scheduler) as runner, prefetch:  # one pool for every pass
         pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
         if gating is None:
             jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]
@@ -403,6 +410,7 @@ def extract_features(
                 by_id[sid] = cells
                 pass1[sid] = (digest, _cleanup_thresholds(qc))  # pass 2 reuses both
             subsamples = [by_id[sid] for sid, _, _ in rows]  # sheet order, whatever finished first
+            prefetch.start()  # while the gates are fitted (pass 1 reads little of each file)
             if clusters:
                 gating = fit_clustering(subsamples, panel, n_clusters=clusters, template=template,
                                         max_cells_per_sample=max_cells_per_sample,
@@ -411,6 +419,7 @@ def extract_features(
                 batches = [b for _, _, b in rows]
                 gating = fit_gating(subsamples, template, random_state=random_state,
                                     batches=batches if len(set(batches)) > 1 else None)
+        prefetch.start()
         markers = panel.by_role("functional") or panel.by_role("lineage")
         sample_jobs = {
             sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
@@ -421,6 +430,7 @@ def extract_features(
             tasks = [(sj, panel, gating, cfg, markers, cache_dir) for sj in jobs]
             for sid, pop, st, qc, gates in runner.map(_pass2, tasks, progress=label if progress else None):
                 results[sid] = (pop, st, qc, gates)
+                prefetch.done()
 
         if partners is not None:
             # Unstimulated samples first: their per-population quantiles gate the stimulated
