@@ -179,12 +179,16 @@ class Prefetch:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            try:  # in pieces: the kernel reads ahead at most a few MiB per call (8 here)
+                for offset in range(0, os.fstat(fd).st_size, _ADVISE_BYTES):
+                    os.posix_fadvise(fd, offset, _ADVISE_BYTES, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
             finally:
                 os.close(fd)
+
+
+_ADVISE_BYTES = 4 << 20  # bytes asked for per posix_fadvise call
 
 
 def _read_ahead_budget() -> int:
