@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from itertools import accumulate
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -134,7 +135,7 @@ class Prefetch:
                 sizes.append(os.path.getsize(p))
             except OSError:  # reported by the worker that reads it
                 sizes.append(0)
-        self._end = [sum(sizes[: i + 1]) for i in range(len(sizes))]  # bytes up to file i
+        self._end = list(accumulate(sizes))  # bytes of the files up to file i
         self.budget = _read_ahead_budget() if budget is None else int(budget)
         self._done = 0
         self._stop = False
