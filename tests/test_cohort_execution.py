@@ -265,7 +265,7 @@ def test_prefetch_reads_ahead_in_order_within_its_budget(tmp_path, monkeypatch):
     asked, lock = [], threading.Lock()
 
     def advise(fd, offset, length, advice):
-        assert (offset, length, advice) == (0, 4 << 20, os.POSIX_FADV_WILLNEED)
+        assert (offset, length, advice) == (0, 100, os.POSIX_FADV_WILLNEED)
         with lock:
             asked.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
 

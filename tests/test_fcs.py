@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from predictor.io.fcs import (
     read_channels,
     read_fcs,
     read_fcs_header,
+    will_need,
     write_fcs,
 )
 
@@ -442,3 +444,17 @@ def test_pbmc8_subset_of_rows_matches_the_full_read() -> None:
         stretches = spread_rows(len(full), 2000, np.random.default_rng(0))
         np.testing.assert_array_equal(read_fcs(PBMC8_FILES[0], rows=stretches).events,
                                       full[stretches])
+
+
+def test_will_need_asks_in_pieces_the_kernel_honours(monkeypatch):
+    """One posix_fadvise call reads at most a few MiB ahead, so long ranges go in 4 MiB
+    pieces; each range is covered exactly, in order."""
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    mib = 1 << 20
+    will_need(7, [(100, 10 * mib), (0, 5), (3, 0)])
+    w = os.POSIX_FADV_WILLNEED
+    assert calls == [(7, 100, 4 * mib, w), (7, 100 + 4 * mib, 4 * mib, w),
+                     (7, 100 + 8 * mib, 2 * mib, w), (7, 0, 5, w)]
+    monkeypatch.delattr(os, "posix_fadvise")
+    will_need(7, [(0, mib)])  # no such call (not Linux): nothing happens

@@ -394,13 +394,16 @@ def extract_features(
     cache_dir = str(cache) if cache is not None else None
     partners = _unstim_partners(need, cfg, strict=strict_reference) if (
         cfg.frac_pos_reference == "unstim" and "frac_pos" in cfg.statistics) else None
-    # Pass 2 reads whole files in this order (unstimulated samples first when they gate the
-    # others): on a local run the kernel reads them ahead from disk, from the gate fitting on.
+    # Pass 2's samples in the order it reads them: with unstim positivity, the unstimulated
+    # samples first (their quantiles gate the others). On a local run the kernel reads the
+    # files ahead from disk in that order, from the gate fitting on.
+    if partners is None:
+        groups = [[sid for sid, _, _ in rows]]
+    else:
+        groups = [[sid for sid, ref in partners.items() if sid == ref],
+                  [sid for sid, ref in partners.items() if sid != ref]]
     path_of = {sid: p for sid, p, _ in rows}
-    order2 = [sid for sid, _, _ in rows] if partners is None else (
-        [sid for sid, ref in partners.items() if sid == ref]
-        + [sid for sid, ref in partners.items() if sid != ref])
-    prefetch = Prefetch([path_of[sid] for sid in order2] if scheduler is None else [])
+    prefetch = Prefetch([path_of[sid] for g in groups for sid in g] if scheduler is None else [])
     with TaskRunner(cfg.n_jobs, scheduler) as runner, prefetch:  # one pool for every pass
         pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
         if gating is None:
@@ -419,7 +422,7 @@ def extract_features(
                 batches = [b for _, _, b in rows]
                 gating = fit_gating(subsamples, template, random_state=random_state,
                                     batches=batches if len(set(batches)) > 1 else None)
-        prefetch.start()
+        prefetch.start()  # a frozen gating: nothing was fitted
         markers = panel.by_role("functional") or panel.by_role("lineage")
         sample_jobs = {
             sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
@@ -435,14 +438,14 @@ def extract_features(
         if partners is not None:
             # Unstimulated samples first: their per-population quantiles gate the stimulated
             # sample of the same patient and timepoint.
-            refs = [replace(sample_jobs[sid], reference=True)
-                    for sid, ref in partners.items() if sid == ref]
-            run_pass2(refs, "Extracting features (unstimulated)")
-            others = [replace(sample_jobs[sid], positivity=results[ref][3] if ref else {})
-                      for sid, ref in partners.items() if sid != ref]  # {}: no gate, NaN
-            run_pass2(others, "Extracting features (stimulated)")
+            refs, others = groups
+            run_pass2([replace(sample_jobs[sid], reference=True) for sid in refs],
+                      "Extracting features (unstimulated)")
+            run_pass2([replace(sample_jobs[sid], positivity=results[partners[sid]][3]
+                               if partners[sid] else {})  # {}: no gate, NaN
+                       for sid in others], "Extracting features (stimulated)")
         else:
-            run_pass2(list(sample_jobs.values()), "Extracting features")
+            run_pass2([sample_jobs[sid] for sid in groups[0]], "Extracting features")
     order = [sid for sid, _, _ in rows]
     pops = [results[sid][0] for sid in order]
     stats = [results[sid][1] for sid in order]

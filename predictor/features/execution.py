@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
-from itertools import accumulate
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from itertools import accumulate
 from multiprocessing import get_context
 from typing import Any
 
 from predictor.errors import ConfigError
+from predictor.io.fcs import will_need
 
 __all__ = ["Prefetch", "TaskRunner"]
 
@@ -180,16 +181,12 @@ class Prefetch:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
-            try:  # in pieces: the kernel reads ahead at most a few MiB per call (8 here)
-                for offset in range(0, os.fstat(fd).st_size, _ADVISE_BYTES):
-                    os.posix_fadvise(fd, offset, _ADVISE_BYTES, os.POSIX_FADV_WILLNEED)
+            try:
+                will_need(fd, [(0, os.fstat(fd).st_size)])
             except OSError:
                 pass
             finally:
                 os.close(fd)
-
-
-_ADVISE_BYTES = 4 << 20  # bytes asked for per posix_fadvise call
 
 
 def _read_ahead_budget() -> int:

@@ -700,7 +700,7 @@ def _read_rows(header: FCSHeader, dtype: np.dtype, rows: np.ndarray) -> np.ndarr
     runs = list(zip(starts.tolist(), ends.tolist(), strict=True))
     with open(header.path, "rb", buffering=0) as fh:
         if len(runs) > 1:  # a file not yet in the page cache: read every run at once
-            _will_need(fh, [(header.data_start + int(rows[a]) * row_bytes, (b - a) * row_bytes)
+            will_need(fh.fileno(), [(header.data_start + int(rows[a]) * row_bytes, (b - a) * row_bytes)
                             for a, b in runs])
         for a, b in runs:
             fh.seek(header.data_start + int(rows[a]) * row_bytes)
@@ -708,16 +708,21 @@ def _read_rows(header: FCSHeader, dtype: np.dtype, rows: np.ndarray) -> np.ndarr
     return out
 
 
-def _will_need(fh, ranges: list[tuple[int, int]]) -> None:
-    """Tell the kernel which (offset, length) byte ranges of ``fh`` are read next, so a file
-    not yet in the page cache has all of them read from disk at once (in parallel) instead of
-    one blocking read after another. Does nothing where the call is missing (not Linux)."""
+def will_need(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Tell the kernel which (offset, length) byte ranges of the open file ``fd`` are read
+    next: a file not yet in the page cache has them read from disk in the background, at once,
+    instead of one blocking read after another. Ranges are asked for in pieces of at most
+    :data:`_ADVISE_BYTES` (one call reads at most a few MiB ahead: 8 on Linux 6.18). Does
+    nothing where the call is missing (not Linux)."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
         return
-    fd = fh.fileno()
     for offset, length in ranges:
-        advise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        for at in range(offset, offset + length, _ADVISE_BYTES):
+            advise(fd, at, min(_ADVISE_BYTES, offset + length - at), os.POSIX_FADV_WILLNEED)
+
+
+_ADVISE_BYTES = 4 << 20  # bytes asked for per posix_fadvise call
 
 
 def _masks(header: FCSHeader) -> list[int | None]:

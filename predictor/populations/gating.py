@@ -891,9 +891,7 @@ def population_table(gating: Any, membership: Membership, *, sample_id: str,
     """
     masks = membership_masks(membership)
     names = list(masks)
-    n_rows = len(membership) if isinstance(membership, pd.DataFrame) else (
-        len(next(iter(masks.values()))) if masks else 0)
-    n_live = n_rows if n_live is None else int(n_live)
+    n_live = len(next(iter(masks.values()), ())) if n_live is None else int(n_live)
     counts = {name: int(np.count_nonzero(mask)) for name, mask in masks.items()}
     parents = [gating.parent(name) for name in names]
     count = np.array([counts[name] for name in names], dtype=np.int64)
