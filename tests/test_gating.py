@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 
 from predictor.errors import GatingError
-from predictor.populations.gating import (
+from predictor.populations.gating import (  # internals
     Gating,
     GatingTemplate,
     Term,
+    _density,
+    _finite,
+    _shoulder_threshold,
     apply_gating,
     fit_gating,
     gate_masks,
@@ -255,6 +258,28 @@ def test_valley_degenerate_input() -> None:
     v = np.r_[rng.normal(0, 0.3, 2000), rng.normal(4, 0.3, 2000), [np.nan, np.inf, -np.inf]]
     t, _ = valley_threshold(v)
     assert 1.0 < t < 3.0
+
+
+def test_valley_of_float32_values_equals_that_of_the_same_values_widened() -> None:
+    # float32 values (CyTOF's) are sorted by the radix sort, others by numpy: same cuts
+    rng = np.random.default_rng(5)
+    cases = [
+        np.r_[rng.normal(0, 0.4, 9000), rng.normal(3, 0.4, 1000)],
+        np.r_[np.zeros(3000), -np.zeros(500), np.abs(rng.normal(0.4, 0.4, 2000)),
+              rng.normal(2.6, 0.5, 6000)],  # ±0 spike beside a diffuse low population
+        np.arcsinh(np.r_[rng.poisson(2.0, 6000), rng.poisson(40.0, 3000)] / 5),  # combs
+        np.r_[rng.normal(1, 0.3, 4000), rng.normal(4, 0.3, 4000), [np.nan, np.inf, -np.inf]],
+    ]
+    for values in cases:
+        v32 = values.astype(np.float32)
+        got, want = valley_threshold(v32), valley_threshold(v32.astype(np.float64))
+        assert np.isfinite(got[0])
+        assert got == want
+        assert _shoulder_threshold(v32) == _shoulder_threshold(v32.astype(np.float64))
+        d32, d64 = _density(_finite(v32), None), _density(_finite(v32.astype(np.float64)), None)
+        assert (d32.step, d32.sigma) == (d64.step, d64.sigma)
+        np.testing.assert_array_equal(d32.centers, d64.centers)
+        np.testing.assert_array_equal(d32.counts, d64.counts)
 
 
 # ------------------------------------------------------------------------------ fit + apply

@@ -205,6 +205,14 @@ class _Density:
     sigma: float  # smoothing SD, in bins
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite values, flat: float32 stays float32 (for :func:`_density`'s radix sort),
+    anything else becomes float64."""
+    v = np.asarray(values)
+    v = v.ravel() if v.dtype == np.float32 else v.astype(np.float64).ravel()
+    return v[np.isfinite(v)]
+
+
 def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
     """Gaussian-smoothed histogram of the central 99.8% of ``v``, zero-padded at both ends.
 
@@ -217,9 +225,10 @@ def _density(v: np.ndarray, bandwidth: float | None) -> _Density | None:
         return None
     # One sort serves the quantiles (np.quantile of sorted values: the same numbers, about
     # twice as fast as its partition on CyTOF's tied values), the distinct values and the
-    # histogram. A radix sort for float32 (several times numpy's on CPUs without its
-    # vectorised sort).
-    s = sort(v)
+    # histogram. float32 values (CyTOF's) by a radix sort (several times numpy's on CPUs
+    # without its vectorised sort), then widened: the same numbers as sorting them widened.
+    s = sort(v).astype(np.float64, copy=False)
+    v = v.astype(np.float64, copy=False)
     lo, hi, q25, q75 = np.quantile(s, [0.001, 0.999, 0.25, 0.75])
     if not hi - lo > 1e-6:
         return None
@@ -299,8 +308,7 @@ def valley_threshold(
         ``(threshold, depth)``: the valley's location and its density relative to the lower
         peak (0: empty gap, 1: no dip); ``(nan, nan)`` without a real valley.
     """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+    v = _finite(values)
     d = _density(v, bandwidth)
     if d is None:
         return float("nan"), float("nan")
@@ -393,11 +401,11 @@ def _shoulder_threshold(values: np.ndarray, *, k: float = 2.5) -> float:
     The fallback for a relative level (``CD56bright``) when the parent has no valley: cells
     clearly brighter (or dimmer) than the parent's bulk.
     """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
+    v = _finite(values)
     d = _density(v, None)
     if d is None:
         return float("nan")
+    v = v.astype(np.float64, copy=False)
     center, sd_left, sd_right = main_mode(d)
     above = np.count_nonzero(v > center + 2 * sd_right)
     below = np.count_nonzero(v < center - 2 * sd_left)
