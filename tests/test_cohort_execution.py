@@ -232,15 +232,23 @@ def _square(x: int) -> int:
     return x * x
 
 
-def test_task_runner_pool_returns_every_job_once_and_raises_errors():
+# The fork case pretends to run one thread: earlier tests may have left Dask's behind.
+@pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")
+@pytest.mark.parametrize(("threads", "method"), [(1, "fork"), (2, "forkserver")])
+def test_task_runner_pool_returns_every_job_once_and_raises_errors(monkeypatch, threads, method):
+    from predictor.features import execution
     from predictor.features.execution import TaskRunner
 
+    # Workers are forked from a process running one thread only, else from a forkserver.
+    monkeypatch.setattr(execution.threading, "active_count", lambda: threads)
     jobs = list(range(40))
     with TaskRunner(n_jobs=2) as runner:
-        # While the workers start, this process takes jobs itself, from the back.
+        # While forkserver workers start, this process takes jobs itself, from the back.
         assert sorted(runner.map(_square, jobs)) == [x * x for x in jobs]
         pool = runner._pool
-        runner._starting.join()  # workers up: the next maps run on them
+        assert pool._mp_context.get_start_method() == method
+        if runner._starting is not None:
+            runner._starting.join()  # workers up: the next maps run on them
         assert sorted(runner.map(_square, jobs)) == [x * x for x in jobs]
         assert runner._pool is pool  # one pool serves every map
         with pytest.raises(ValueError, match="negative job -3"):

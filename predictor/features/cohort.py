@@ -405,6 +405,8 @@ def extract_features(
     path_of = {sid: p for sid, p, _ in rows}
     prefetch = Prefetch([path_of[sid] for g in groups for sid in g] if scheduler is None else [])
     with TaskRunner(cfg.n_jobs, scheduler) as runner, prefetch:  # one pool for every pass
+        if len(rows) > 1:  # before the read-ahead's thread, so workers can be forked
+            runner.start(_pass2)
         pass1: dict[str, tuple[str | None, dict[str, float]]] = {}  # digest, cleanup thresholds
         if gating is None:
             jobs1 = [(sid, p, panel, max_cells_per_sample, random_state, cache_dir) for sid, p, _ in rows]

@@ -7,7 +7,9 @@ worker holds one sample at a time, so memory stays bounded to a few samples per 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from itertools import accumulate
@@ -72,21 +74,37 @@ class TaskRunner:
         if self.n_jobs <= 1 or len(jobs) <= 1:
             yield from _progress(map(fn, jobs), len(jobs), progress)
             return
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=_context(fn),
-                                             initializer=_keep_freed_memory)
-            # Starting workers blocks until the forkserver has imported the task's module
-            # (~2 s): a thread waits for that while this process takes jobs itself.
-            self._starting = threading.Thread(target=self._pool.submit, args=(os.getpid,),
-                                              daemon=True)
-            self._starting.start()
+        self.start(fn)
         yield from _progress(self._pool_map(fn, list(jobs)), len(jobs), progress)
 
+    def start(self, fn: Callable[[Any], Any]) -> None:
+        """Start the local pool now (for task function ``fn``), not at the first :meth:`map`:
+        before another thread of this process starts, so the workers can be forked (see
+        :func:`_context`). Does nothing inline, on a cluster, or when the pool is up."""
+        if self._pool is not None or self.scheduler or self.n_jobs <= 1:
+            return
+        ctx = _context(fn)
+        self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, mp_context=ctx,
+                                         initializer=_keep_freed_memory)
+        if ctx.get_start_method() == "fork":
+            with warnings.catch_warnings():
+                # CPython warns about any other OS thread; _context checked that none runs
+                # Python code. numpy's BLAS and Arrow's thread pools restart in the child.
+                warnings.filterwarnings("ignore", r"This process .* is multi-threaded",
+                                        DeprecationWarning)
+                self._pool.submit(os.getpid)  # forks every worker now, from this thread
+            return
+        # Starting workers blocks until the forkserver has imported the task's module
+        # (~1–2 s): a thread waits for that while this process takes jobs itself.
+        self._starting = threading.Thread(target=self._pool.submit, args=(os.getpid,),
+                                          daemon=True)
+        self._starting.start()
+
     def _pool_map(self, fn: Callable[[Any], Any], jobs: list[Any]) -> Iterator[Any]:
-        """Jobs on the pool; until its workers are up, this process works through jobs
-        from the back of the list."""
+        """Jobs on the pool; until forkserver workers are up, this process works through
+        jobs from the back of the list."""
         end = len(jobs)
-        while end > 0 and self._starting.is_alive():
+        while end > 0 and self._starting is not None and self._starting.is_alive():
             end -= 1
             yield fn(jobs[end])
         futures = [self._pool.submit(fn, job) for job in jobs[:end]]
@@ -203,9 +221,16 @@ def _read_ahead_budget() -> int:
 
 
 def _context(fn: Callable[[Any], Any]):
-    """The forkserver context, with ``fn``'s module imported once in the server (before it
-    starts): workers are then forked with numpy, pandas and scipy already loaded, instead of
-    each importing them (~1.5 s) every time a pool starts."""
+    """How workers start. On Linux, when no other thread of this process runs Python code:
+    forked from this process, in milliseconds, with all it imported (numba's kernels too)
+    ready. A fork copies only the calling thread, so a lock another thread held would stay
+    locked in the child: hence the condition (and :meth:`TaskRunner.start`, which forks
+    before the read-ahead's thread starts). Otherwise the forkserver, with ``fn``'s module
+    imported once in the server (before it starts): workers are then forked with numpy,
+    pandas and scipy already loaded, instead of each importing them (~1 s) every time a
+    pool starts; the first pool of a process waits for that import."""
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return get_context("fork")
     ctx = get_context("forkserver")
     module = getattr(fn, "__module__", None)
     if module and module != "__main__":
