@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import resource
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,64 +52,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _descendants(root: int) -> list[int]:
-    """Process ids below ``root`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended meanwhile
-            continue
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
+class DescendantPeakMemory:
+    """Largest memory of any process below this one while the ``with`` block runs: worker
+    processes of a pool, which ``RUSAGE_CHILDREN`` misses (they may be children of a
+    forkserver that outlives the block) or mixes with earlier children.
 
-
-def _peak_rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class DescendantPeakRSS:
-    """Largest peak resident memory (VmHWM) of any process below this one while the ``with``
-    block runs: worker processes of a pool, which ``RUSAGE_CHILDREN`` misses (they are
-    children of a forkserver that outlives the block) or mixes with earlier children.
-
-    Polls /proc every ``interval`` seconds; a worker's peak is its high-water mark, so a poll
-    late in its life sees it. Linux only (elsewhere the result is NaN).
+    ``private_mb``: peak private memory (USS: pages no other process maps), what a worker adds
+    to the machine's load; a forked worker shares the pages it inherited until one side writes
+    them, and those are not counted. ``hwm_mb``: peak resident memory (VmHWM), shared pages
+    included. A separate process polls /proc every ``interval`` seconds
+    (``benchmarks/_memwatch.py``): a thread here would compete for the GIL with the work
+    measured, and stop a pool from forking its workers. Linux only (elsewhere NaN).
     """
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
-        self.peak_mb = float("nan")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.private_mb = self.hwm_mb = float("nan")
+        self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> DescendantPeakRSS:
-        if Path("/proc/self/status").exists():
-            self.peak_mb = 0.0
-            self._thread.start()
+    def __enter__(self) -> DescendantPeakMemory:
+        if Path("/proc/self/smaps_rollup").exists():
+            script = Path(__file__).with_name("_memwatch.py")
+            self._proc = subprocess.Popen(
+                [sys.executable, str(script), str(os.getpid()), str(self.interval)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-
-    def _poll(self) -> None:
-        me = os.getpid()
-        while True:
-            for pid in _descendants(me):
-                self.peak_mb = max(self.peak_mb, _peak_rss_kib(pid) / 1024)
-            if self._stop.wait(self.interval):
-                return
+        if self._proc is not None:
+            out, _ = self._proc.communicate("")
+            self.private_mb, self.hwm_mb = map(float, out.split())

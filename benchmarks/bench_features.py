@@ -7,8 +7,10 @@ cache (warm: the files were just written, so this is the CPU cost of parsing) an
 (cold: each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` first, as for
 a cohort read for the first time). The pipeline likewise; the default (2 workers, from disk)
 runs first, so it pays for starting the worker pool as a command-line run does. Also: 1 vs 2
-workers and the peak resident memory of the pool's processes (workers and the forkserver they
-are forked from; their high-water marks, polled from /proc while the 2-worker pipeline runs).
+workers, and the memory of the pool's processes, polled from /proc by another process in an
+extra 2-worker run (a watcher in this process would slow the timed runs): peak private memory
+(what a worker adds; pages it shares with the process it was forked from are not counted)
+and peak resident memory (shared pages too).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks._common import BenchResult, DescendantPeakRSS
+from benchmarks._common import BenchResult, DescendantPeakMemory
 from predictor.config import FeatureConfig
 from predictor.features import extract_features
 from predictor.io.fcs import read_fcs
@@ -90,12 +92,11 @@ def run(quick: bool = False) -> list[BenchResult]:
         for workers, cold in ((2, True), (1, False), (2, False), (1, True)):
             if cold:
                 _evict(paths)
-            with DescendantPeakRSS() as rss:  # the workers' memory (none inline)
-                t0 = time.perf_counter()
-                extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
-                timings[workers, cold] = time.perf_counter() - t0
-            if workers == 2 and not cold:
-                peak = rss.peak_mb
+            t0 = time.perf_counter()
+            extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
+            timings[workers, cold] = time.perf_counter() - t0
+        with DescendantPeakMemory() as mem:  # the workers' memory, in a run of its own
+            extract_features(sheet, panel, config=FeatureConfig(n_jobs=2))
     return [
         BenchResult(f"features, {n_files} files × {cells // 1000}k events, 1 worker",
                     timings[1, False], "s", read_warm, "reading the files once (page cache)",
@@ -110,6 +111,8 @@ def run(quick: bool = False) -> list[BenchResult]:
                     "ratio ≈ 0.5–0.6"),
         BenchResult("throughput, 2 workers", n_events / timings[2, False] / 1e6, "M events/s",
                     n_events / read_warm / 1e6, "read throughput (page cache)"),
-        BenchResult("peak RSS of a pool process (worker or forkserver)", peak, "MiB",
+        BenchResult("peak private memory of a worker (USS)", mem.private_mb, "MiB",
+                    cells * 38 * 4 / 2**20, "one sample's event bytes"),
+        BenchResult("peak RSS of a worker (shared pages too)", mem.hwm_mb, "MiB",
                     cells * 38 * 4 / 2**20, "one sample's event bytes"),
     ]
