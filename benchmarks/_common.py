@@ -81,4 +81,5 @@ class DescendantPeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
             out, _ = self._proc.communicate("")
-            self.private_mb, self.hwm_mb = map(float, out.split())
+            if self._proc.returncode == 0 and len(out.split()) == 2:  # else NaN: no numbers
+                self.private_mb, self.hwm_mb = map(float, out.split())

@@ -27,7 +27,11 @@ def descendants(root: int) -> list[int]:
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # the process ended meanwhile
+            continue
+        for tid in tasks:
             kids = [int(k) for k in _read(f"/proc/{pid}/task/{tid}/children").split()]
             out += kids
             todo += kids
