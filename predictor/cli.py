@@ -137,13 +137,18 @@ def features(
 def train(
     experiment: Annotated[Path, typer.Argument(help="Experiment file (TOML).")],
     seed: Annotated[int | None, typer.Option(help="Override the experiment's seed.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address to extract features on (overrides [features] scheduler).")] = None,
 ) -> None:
     """Run an experiment: features, nested grouped CV, MLflow run, registered model, bundle."""
+    from dataclasses import replace
+
     from predictor.config import load_experiment
     from predictor.model.experiment import run_experiment
     from predictor.model.tracking import ui_command
 
     cfg = load_experiment(experiment, **({"seed": seed} if seed is not None else {}))
+    if scheduler is not None:
+        cfg = replace(cfg, features=replace(cfg.features, scheduler=scheduler))
     res = run_experiment(cfg, progress=True)
     _print_training(res)
     _say(f"  MLflow UI:   {ui_command(cfg.tracking.store)}")

@@ -66,7 +66,10 @@ class FeatureConfig:
     frac_pos_reference: str = "fixed"
     frac_pos_quantile: float = 0.99
     min_cells: int = 20
-    n_jobs: int = 2
+    n_jobs: int = 2  # local worker processes
+    # Address of a Dask distributed scheduler (e.g. "tcp://host:8786") that runs the per-sample
+    # work instead of the local pool; where the work runs never changes the features.
+    scheduler: str | None = None
 
     @property
     def timepoints(self) -> tuple[str, ...]:
@@ -261,6 +264,11 @@ def validate_features(f: FeatureConfig) -> None:
         _fail("[features]", "min_cells", "an int >= 1", f.min_cells)
     if f.n_jobs < 1:
         _fail("[features]", "n_jobs", "an int >= 1", f.n_jobs)
+    if f.scheduler is not None and (not isinstance(f.scheduler, str) or not f.scheduler
+                                    or any(c.isspace() for c in f.scheduler)):
+        _fail("[features]", "scheduler",
+              "the address of a Dask scheduler, e.g. \"tcp://host:8786\" (leave it out to run "
+              "on local processes)", f.scheduler)
 
 
 def _validate(cfg: ExperimentConfig) -> None:

@@ -75,16 +75,71 @@ def test_process_pool_matches_inline(tiny):
     pd.testing.assert_frame_equal(a.populations, b.populations)
 
 
-@pytest.mark.timeout(180)
-def test_dask_local_cluster_matches_local_pool(tiny):
+@pytest.fixture(scope="module")
+def cluster():
     from distributed import LocalCluster
 
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as c:
+        yield c
+
+
+def _ran_on(cluster, run) -> set[str]:
+    """Run ``run()``; the names of the task functions the cluster's scheduler saw meanwhile
+    (empty when nothing ran there)."""
+    sched = cluster.scheduler
+    before = sched.transition_counter
+    run()
+    return set(sched.task_prefixes) if sched.transition_counter > before else set()
+
+
+@pytest.mark.timeout(180)
+def test_dask_local_cluster_matches_local_pool(tiny, cluster):
     sheet, panel = tiny
     local = extract_features(sheet, panel, config=FeatureConfig(n_jobs=1))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        on_dask = extract_features(sheet, panel, config=FeatureConfig(n_jobs=1), scheduler=cluster.scheduler_address)
-    pd.testing.assert_frame_equal(local.X, on_dask.X)
-    pd.testing.assert_frame_equal(local.qc, on_dask.qc)
+    out = {}
+    ran = _ran_on(cluster, lambda: out.setdefault("fs", extract_features(
+        sheet, panel, config=FeatureConfig(n_jobs=1), scheduler=cluster.scheduler_address)))
+    assert {"pass1", "pass2"} <= ran  # Dask names tasks without the leading _
+    pd.testing.assert_frame_equal(local.X, out["fs"].X)
+    pd.testing.assert_frame_equal(local.qc, out["fs"].qc)
+
+
+@pytest.mark.timeout(300)
+def test_experiment_file_names_the_dask_scheduler(tmp_path, cluster, capsys):
+    """`[features] scheduler` in the experiment file sends training's feature extraction to
+    that cluster; the bundle does not keep the address (scoring runs where it is told)."""
+    import json
+
+    from predictor.cli import main
+
+    simulate_cohort(tmp_path / "c", n_patients=12, seed=8, cells_per_sample=800)
+    toml = tmp_path / "dask.toml"
+    toml.write_text(
+        'name = "ondask"\n[data]\nsamples = "c/samples.csv"\nclinical = "c/clinical.csv"\n'
+        f'panel = "c/panel.csv"\n[features]\nn_jobs = 1\nscheduler = "{cluster.scheduler_address}"\n'
+        "[cv]\nfolds = 3\nrepeats = 1\npermutations = 5\nbootstrap = 50\n"
+        '[tracking]\nstore = "mlflow.db"\nartifacts = "mlruns"\nmodels = "models"\n'
+    )
+    ran = _ran_on(cluster, lambda: main(["train", str(toml)]) == 0 or pytest.fail(
+        capsys.readouterr().err))
+    assert "pass2" in ran
+    bundle = json.loads(next((tmp_path / "models" / "ondask").glob("v*/bundle.json")).read_text())
+    assert "scheduler" not in bundle["feature_config"]
+    assert bundle["feature_config"]["min_cells"] == 20
+
+
+def test_a_bad_scheduler_setting_names_the_key(tmp_path, tiny, capsys):
+    from predictor.cli import main
+
+    toml = tmp_path / "bad.toml"
+    toml.write_text('name = "bad"\n[features]\nscheduler = 8786\n')
+    assert main(["train", str(toml)]) == 2
+    assert "'scheduler' parameter of [features]" in capsys.readouterr().err
+    toml.write_text('name = "bad"\n')
+    assert main(["train", str(toml), "--scheduler", "tcp:// host:8786"]) == 2
+    err = capsys.readouterr().err
+    assert "'scheduler' parameter of [features]" in err and "tcp:// host:8786" in err
 
 
 def test_unreachable_scheduler_is_a_clear_error(tiny):

@@ -111,6 +111,9 @@ def test_config_round_trips_through_toml(tmp_path) -> None:
     assert replace(load_experiment(_write(tmp_path, plain.to_toml())), source=None) == replace(plain, source=None)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["model"]["search"]["max_depth"] == list(cfg.model.search.max_depth)
+    on_dask = replace(plain, features=replace(plain.features, scheduler="tcp://10.0.0.5:8786"))
+    assert 'scheduler = "tcp://10.0.0.5:8786"' in on_dask.to_toml()
+    assert load_experiment(_write(tmp_path, on_dask.to_toml())).features == on_dask.features
 
 
 def test_shipped_experiments_load() -> None:

@@ -371,7 +371,8 @@ def extract_features(
         finished samples, an interrupted run resumes. ``None`` caches nothing.
     scheduler
         Address of a Dask distributed scheduler (``tcp://host:8786``) to run the per-sample
-        work on; by default a local pool of ``config.n_jobs`` processes.
+        work on; by default ``config.scheduler`` (an experiment's ``[features]``), and without
+        one a local pool of ``config.n_jobs`` processes.
     progress
         Show progress bars.
     random_state
@@ -383,6 +384,7 @@ def extract_features(
     """
     cfg = config or FeatureConfig()
     validate_features(cfg)
+    scheduler = scheduler or cfg.scheduler
     need = select_samples(samples, timepoints=cfg.timepoints, conditions=cfg.conditions)
     if need.empty:
         raise FeatureError(

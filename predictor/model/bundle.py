@@ -188,7 +188,7 @@ def save_bundle(
                 "version": version,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "format": 1,
-                "feature_config": dataclasses.asdict(feature_config),
+                "feature_config": _feature_settings(feature_config),
                 **info,
             }
             (tmp / "bundle.json").write_text(json.dumps(body, indent=1, default=_json_default))
@@ -209,6 +209,12 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float | np.floating) and not np.isfinite(v):
         return None
     return v.item() if isinstance(v, np.generic) else v
+
+
+def _feature_settings(fc: FeatureConfig) -> dict[str, Any]:
+    """What a bundle keeps of the feature settings: not the Dask scheduler the training ran on
+    (an address that may be gone when the model scores; scoring runs where it is told)."""
+    return {k: v for k, v in dataclasses.asdict(fc).items() if k != "scheduler"}
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
