@@ -107,6 +107,7 @@ def features(
     frac_pos_reference: Annotated[str, typer.Option(help="Positivity gate of frac_pos: 'fixed' (arcsinh --frac-pos-threshold) or 'unstim' (--frac-pos-quantile of the patient's unstimulated sample at that timepoint, per population).")] = "fixed",
     frac_pos_threshold: Annotated[float, typer.Option(help="Fixed positivity threshold, arcsinh units.")] = 2.0,
     frac_pos_quantile: Annotated[float, typer.Option(help="Quantile of the unstimulated sample used as the gate.")] = 0.99,
+    median_markers: Annotated[str, typer.Option(help="Markers whose median per population is a feature, comma-separated: 'functional', 'lineage' and/or marker names.")] = "functional",
     jobs: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786) to run on.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Per-sample cache folder: re-runs skip finished samples.")] = None,
@@ -119,7 +120,8 @@ def features(
     from predictor.io.samplesheet import read_sample_sheet
 
     cfg = FeatureConfig(mode=mode, n_jobs=jobs, frac_pos_reference=frac_pos_reference,
-                        frac_pos_threshold=frac_pos_threshold, frac_pos_quantile=frac_pos_quantile)
+                        frac_pos_threshold=frac_pos_threshold, frac_pos_quantile=frac_pos_quantile,
+                        median_markers=tuple(m.strip() for m in median_markers.split(",") if m.strip()))
     if out.exists() and any(out.iterdir()) and not force:
         raise PredictorError(f"{out}: folder exists and is not empty; choose another --out or pass --force.")
     pnl = read_panel(panel)

@@ -66,6 +66,10 @@ class FeatureConfig:
     frac_pos_reference: str = "fixed"
     frac_pos_quantile: float = 0.99
     min_cells: int = 20
+    # Markers whose median per population is a feature: the panel's "functional" and/or
+    # "lineage" markers, and/or marker names (Citrus's median columns). Fractions positive are
+    # taken on the functional markers (the lineage ones when the panel has no functional).
+    median_markers: tuple[str, ...] = ("functional",)
     n_jobs: int = 2  # local worker processes
     # Address of a Dask distributed scheduler (e.g. "tcp://host:8786") that runs the per-sample
     # work instead of the local pool; where the work runs never changes the features.
@@ -262,6 +266,9 @@ def validate_features(f: FeatureConfig) -> None:
               f.frac_pos_quantile)
     if f.min_cells < 1:
         _fail("[features]", "min_cells", "an int >= 1", f.min_cells)
+    if not all(isinstance(m, str) and m.strip() for m in f.median_markers):
+        _fail("[features]", "median_markers", 'a list of "functional", "lineage" and marker '
+              "names of the panel", list(f.median_markers))
     if f.n_jobs < 1:
         _fail("[features]", "n_jobs", "an int >= 1", f.n_jobs)
     if f.scheduler is not None and (not isinstance(f.scheduler, str) or not f.scheduler

@@ -272,6 +272,7 @@ def score_samples(
                 "features missing."
             )
         gating, panel = _without_markers(gating, panel, set(missing))
+        fc = replace(fc, median_markers=tuple(m for m in fc.median_markers if m not in missing))
         notes.append(f"missing marker(s) {', '.join(missing)}: {len(lost)} feature(s) not computed")
     have = sheet.groupby("patient_id")[["timepoint", "condition"]].apply(
         lambda d: set(zip(d["timepoint"], d["condition"], strict=True))

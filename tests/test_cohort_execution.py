@@ -281,6 +281,34 @@ def test_cli_features_with_unstim_positivity_and_a_bad_reference(tiny, tmp_path,
     assert not (tmp_path / "g").exists()
 
 
+def test_cli_features_medians_of_lineage_markers_too(tiny, tmp_path, capsys):
+    """--median-markers functional,lineage adds each lineage marker's median per population
+    (fractions positive stay on the functional markers); the default features are a subset
+    with the same values. A name the panel lacks stops the run: exit 2, nothing written."""
+    from predictor.cli import main
+    from predictor.io.panel import read_panel
+
+    sheet, _ = tiny
+    root = Path(sheet["path"].iloc[0]).parents[1]
+    panel = read_panel(root / "panel.csv")
+    args = ["features", "--samples", str(root / "samples.csv"), "--panel", str(root / "panel.csv"),
+            "--jobs", "1"]
+    assert main([*args, "--out", str(tmp_path / "f")]) == 0
+    assert main([*args, "--out", str(tmp_path / "all"), "--median-markers", "functional,lineage"]) == 0
+    base = pd.read_parquet(tmp_path / "f" / "features.parquet")
+    wide = pd.read_parquet(tmp_path / "all" / "features.parquet")
+    meta = pd.read_parquet(tmp_path / "all" / "feature_meta.parquet")
+    lineage, functional = panel.by_role("lineage"), panel.by_role("functional")
+    medians = set(meta.loc[meta["statistic"] == "median", "marker"])
+    assert medians == set(lineage) | set(functional)
+    assert set(meta.loc[meta["statistic"] == "frac_pos", "marker"]) == set(functional)
+    pd.testing.assert_frame_equal(wide[base.columns], base)
+    assert main([*args, "--out", str(tmp_path / "bad"), "--median-markers", "functional,CD999"]) == 2
+    err = capsys.readouterr().err
+    assert "median_markers: 'CD999' is not a marker of the panel" in err and "panel.csv" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def _square(x: int) -> int:
     if x < 0:
         raise ValueError(f"negative job {x}")

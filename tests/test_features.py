@@ -124,6 +124,51 @@ def test_sample_statistics_on_raw_cells_equal_the_transformed_ones() -> None:
         "value"].item() == pytest.approx((asinh.loc[member["B"], "TNFa"] > 2.0).mean())
 
 
+def test_medians_and_fractions_positive_of_their_own_markers() -> None:
+    """Medians of CD3 and IFNg, fractions positive of IFNg and TNFa: each statistic only for
+    its markers, the numbers as when every marker gets both."""
+    v = stats(markers=["IFNg", "TNFa", "CD3"], median_markers=["CD3", "IFNg"],
+              frac_pos_markers=["IFNg", "TNFa"])
+    got = {(p, m, s) for p, m, s in v.index if m}
+    assert got == {(p, m, "median") for p in "AB" for m in ("IFNg", "CD3")} | {
+        (p, m, "frac_pos") for p in "AB" for m in ("IFNg", "TNFa")}
+    assert v[("A", "CD3", "median")] == 9.0 and v[("B", "IFNg", "median")] == 1.5
+    assert v[("A", "TNFa", "frac_pos")] == 0.25
+    everything = stats(markers=["IFNg", "TNFa", "CD3"])
+    pd.testing.assert_series_equal(v, everything.loc[v.index])
+    # rows per population: medians then fractions positive, markers in the given order
+    assert list(v.loc["A"].index)[3:] == [("IFNg", "median"), ("CD3", "median"),
+                                          ("IFNg", "frac_pos"), ("TNFa", "frac_pos")]
+    assert len(stats(median_markers=[])) == 6 + 4  # no medians at all
+    _, gates = reference_statistics(CELLS, MEMBERSHIP, POPS, markers=["IFNg", "CD3"],
+                                    statistics=ALL_STATS, quantile=0.5, min_cells=2,
+                                    frac_pos_markers=["IFNg"])
+    assert gates == {("A", "IFNg"): 2.5, ("B", "IFNg"): 1.5}  # no gate for a median-only marker
+
+
+def test_feature_markers_from_the_config_and_the_panel(tmp_path) -> None:
+    from predictor.errors import FeatureError
+    from predictor.features.cohort import feature_markers
+    from predictor.io.panel import read_panel
+
+    (tmp_path / "panel.csv").write_text(
+        "channel,marker,role\nIr191Di,DNA1,dna\nNd142Di,CD3,lineage\nNd143Di,IFNg,functional\n"
+        "Nd144Di,CD8,lineage\nNd145Di,TNFa,functional\n")
+    panel = read_panel(tmp_path / "panel.csv")
+
+    def pick(*names):
+        return feature_markers(panel, FeatureConfig(median_markers=names))
+
+    assert pick("functional") == (["IFNg", "TNFa"], ["IFNg", "TNFa"])
+    assert pick("lineage", "functional") == (["CD3", "IFNg", "CD8", "TNFa"], ["IFNg", "TNFa"])
+    assert pick("CD8", "IFNg") == (["IFNg", "CD8"], ["IFNg", "TNFa"])  # panel order
+    with pytest.raises(FeatureError, match=r"median_markers: 'CD4' is not a marker of the panel "
+                                           r"\(.*panel.csv\).*CD3, IFNg, CD8, TNFa"):
+        pick("functional", "CD4")
+    with pytest.raises(FeatureError, match="'DNA1' is a dna channel"):
+        pick("DNA1")
+
+
 def test_positivity_thresholds_and_per_population_gates() -> None:
     """Unstimulated quantiles per (population, marker) gate the stimulated sample."""
     gates = positivity_thresholds(CELLS, MEMBERSHIP, markers=["IFNg", "TNFa"], quantile=0.5,

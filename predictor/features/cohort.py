@@ -199,6 +199,33 @@ def clean_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None
     return kept_cells(raw, panel, rows, transformed=transformed), qc
 
 
+def feature_markers(panel: Panel, cfg: FeatureConfig) -> tuple[list[str], list[str]]:
+    """The markers that get a median, and those that get a fraction positive, in panel order.
+
+    Fractions positive: the functional markers (the lineage ones when the panel has none).
+    Medians: ``cfg.median_markers``, where ``"functional"`` stands for those same markers,
+    ``"lineage"`` for the lineage markers, and any other entry is a marker of the panel.
+    """
+    lineage = panel.by_role("lineage")
+    frac = panel.by_role("functional") or lineage
+    roles = panel.roles()
+    chosen: set[str] = set()
+    for name in cfg.median_markers:
+        if name in ("functional", "lineage"):
+            chosen.update(frac if name == "functional" else lineage)
+        elif roles.get(name) in ("functional", "lineage"):
+            chosen.add(name)
+        else:
+            what = f"a {roles[name]} channel" if name in roles else "not a marker of the panel"
+            raise FeatureError(
+                f"[features] median_markers: {name!r} is {what} ({panel.source}). Name "
+                f'"functional", "lineage" or some of the panel\'s markers: '
+                f'{", ".join(panel.by_role("lineage", "functional"))}.'
+            )
+    median = [m for m in panel.by_role("lineage", "functional") if m in chosen]
+    return median, frac
+
+
 def _cleanup_thresholds(qc: dict[str, Any]) -> dict[str, float]:
     return {k.removeprefix("threshold_"): float(v) for k, v in qc.items()
             if k.startswith("threshold_")}
@@ -264,9 +291,13 @@ def _pass2(job):
     With a template gating, the cells stay raw: gates, medians and positivity thresholds are
     mapped through the monotone arcsinh instead of transforming every event.
     """
-    sj, panel, gating, cfg, markers, cache_dir = job
+    sj, panel, gating, cfg, cache_dir = job
     gated = isinstance(gating, Gating)
     cof = panel.cofactors() if gated else None
+    median_markers, frac_markers = feature_markers(panel, cfg)
+    markers = [m for m in panel.by_role("lineage", "functional")
+               if m in {*median_markers, *frac_markers}]
+    chosen = {"median_markers": median_markers, "frac_pos_markers": frac_markers}
 
     def compute():
         if gated:  # gate every event raw; removed events join no population
@@ -281,13 +312,14 @@ def _pass2(job):
         if sj.reference:  # an unstimulated sample is gated by its own quantiles
             stats, threshold = reference_statistics(
                 cells, membership, pops, markers=markers, statistics=cfg.statistics,
-                quantile=cfg.frac_pos_quantile, min_cells=cfg.min_cells, cofactors=cof)
+                quantile=cfg.frac_pos_quantile, min_cells=cfg.min_cells, cofactors=cof,
+                **chosen)
             data["positivity"] = [[p, m, v] for (p, m), v in threshold.items()]
         else:
             stats = sample_statistics(
                 cells, membership, pops, markers=markers, statistics=cfg.statistics,
                 frac_pos_threshold=sj.positivity if sj.positivity is not None
-                else cfg.frac_pos_threshold, min_cells=cfg.min_cells, cofactors=cof,
+                else cfg.frac_pos_threshold, min_cells=cfg.min_cells, cofactors=cof, **chosen,
             )
         return {"pops": pops, "stats": stats}, data
 
@@ -295,7 +327,8 @@ def _pass2(job):
         return settings_digest(
             "pass2", sj.digest or file_digest(sj.path), sj.batch, sj.cleanup,
             sorted(sj.positivity.items()) if sj.positivity else None, sj.reference,
-            panel.table.to_dict("list"), gating.to_dict(), list(markers), list(cfg.statistics),
+            panel.table.to_dict("list"), gating.to_dict(), median_markers, frac_markers,
+            list(cfg.statistics),
             cfg.frac_pos_threshold, cfg.frac_pos_reference, cfg.frac_pos_quantile,
             cfg.min_cells, __version__,
         )
@@ -384,6 +417,7 @@ def extract_features(
     """
     cfg = config or FeatureConfig()
     validate_features(cfg)
+    feature_markers(panel, cfg)  # a marker the panel lacks stops the run before any work
     scheduler = scheduler or cfg.scheduler
     need = select_samples(samples, timepoints=cfg.timepoints, conditions=cfg.conditions)
     if need.empty:
@@ -427,14 +461,13 @@ def extract_features(
                 gating = fit_gating(subsamples, template, random_state=random_state,
                                     batches=batches if len(set(batches)) > 1 else None)
         prefetch.start()  # a frozen gating: nothing was fitted
-        markers = panel.by_role("functional") or panel.by_role("lineage")
         sample_jobs = {
             sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
         }
         results = {}
 
         def run_pass2(jobs: list[_SampleJob], label: str) -> None:
-            tasks = [(sj, panel, gating, cfg, markers, cache_dir) for sj in jobs]
+            tasks = [(sj, panel, gating, cfg, cache_dir) for sj in jobs]
             for sid, pop, st, qc, gates in runner.map(_pass2, tasks, progress=label if progress else None):
                 results[sid] = (pop, st, qc, gates)
                 prefetch.done()

@@ -129,6 +129,8 @@ def sample_statistics(
     frac_pos_threshold: Thresholds,
     min_cells: int,
     cofactors: Mapping[str, float] | None = None,
+    median_markers: Sequence[str] | None = None,
+    frac_pos_markers: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Statistics of one sample, one row per (population, marker, statistic).
 
@@ -156,12 +158,16 @@ def sample_statistics(
     cofactors
         Marker → arcsinh cofactor when ``cells`` are raw; medians and thresholds are still on
         the arcsinh scale (the same numbers, without transforming every event).
+    median_markers, frac_pos_markers
+        The markers (of ``markers``) that get a median, and a fraction positive; by default
+        all of them.
     """
     summary = None
     if any(s in statistics for s in _SORTED_STATS):
         summary = _summarise(cells, membership, markers, min_cells=min_cells,
                              frac_pos_threshold=frac_pos_threshold, cofactors=cofactors)
-    return _statistics_frame(populations, summary, markers, statistics)
+    return _statistics_frame(populations, summary, markers, statistics,
+                             _subsets(markers, median_markers, frac_pos_markers))
 
 
 def reference_statistics(
@@ -174,22 +180,39 @@ def reference_statistics(
     quantile: float,
     min_cells: int,
     cofactors: Mapping[str, float] | None = None,
+    median_markers: Sequence[str] | None = None,
+    frac_pos_markers: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, dict[tuple[str, str], float]]:
-    """Statistics of an unstimulated sample gated by its own quantiles, and those gates.
+    """Statistics of an unstimulated sample gated by its own quantiles, and those gates
+    (of the ``frac_pos_markers``).
 
     The same as :func:`positivity_thresholds` followed by :func:`sample_statistics` with
     them, from one sort of each population's values instead of two.
     """
     summary = _summarise(cells, membership, markers, min_cells=min_cells,
                          frac_pos_threshold=None, quantile=quantile, cofactors=cofactors)
-    return (_statistics_frame(populations, summary, markers, statistics),
-            _thresholds(summary, markers))
+    keep = _subsets(markers, median_markers, frac_pos_markers)
+    return (_statistics_frame(populations, summary, markers, statistics, keep),
+            _thresholds(summary, markers, keep["frac_pos"]))
+
+
+def _subsets(markers: Sequence[str], median: Sequence[str] | None,
+             frac_pos: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """Statistic → indices (into ``markers``) of the markers that get it."""
+    def idx(chosen: Sequence[str] | None) -> np.ndarray:
+        wanted = set(markers if chosen is None else chosen)
+        return np.array([j for j, m in enumerate(markers) if m in wanted], dtype=np.intp)
+
+    return {"median": idx(median), "frac_pos": idx(frac_pos)}
 
 
 def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
-                      markers: Sequence[str], statistics: Sequence[str]) -> pd.DataFrame:
+                      markers: Sequence[str], statistics: Sequence[str],
+                      keep: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """The long rows: counts and frequencies (one block per statistic, populations in table
-    order), then per population its medians and its fractions positive, marker by marker."""
+    order), then per population its medians and its fractions positive, marker by marker
+    (the markers ``keep`` gives per statistic; all by default)."""
+    keep = keep or _subsets(markers, None, None)
     pop = populations.set_index("population")
     names, marks, stats, values = [], [], [], []
     for stat in ("count", "pct_parent", "pct_live"):
@@ -198,19 +221,21 @@ def _statistics_frame(populations: pd.DataFrame, summary: _Summary | None,
             marks.append(np.full(len(pop), "", dtype=object))
             stats.append(np.full(len(pop), stat, dtype=object))
             values.append(pop[stat].to_numpy(dtype=np.float64))
-    wanted = [s for s in _SORTED_STATS if s in statistics]
+    wanted = [s for s in _SORTED_STATS if s in statistics and len(keep[s])]
     if wanted:
-        n_m = len(markers)
         at = {p: i for i, p in enumerate(pop.index)}  # table order; others after, as given
         order = sorted(range(len(summary.populations)),
                        key=lambda i: at.get(summary.populations[i], len(at)))
         n_p = len(order)
+        # One population's rows: each statistic in turn, over its markers.
+        row_markers = np.concatenate([np.asarray(markers, dtype=object)[keep[s]] for s in wanted])
+        row_stats = np.concatenate([np.full(len(keep[s]), s, dtype=object) for s in wanted])
         names.append(np.repeat(np.asarray(summary.populations, dtype=object)[order],
-                               len(wanted) * n_m))
-        marks.append(np.tile(np.asarray(markers, dtype=object), n_p * len(wanted)))
-        stats.append(np.tile(np.repeat(np.asarray(wanted, dtype=object), n_m), n_p))
-        per_stat = [getattr(summary, stat)[order] for stat in wanted]  # each n_p × n_m
-        values.append(np.stack(per_stat, axis=1).reshape(-1).astype(np.float64))
+                               len(row_markers)))
+        marks.append(np.tile(row_markers, n_p))
+        stats.append(np.tile(row_stats, n_p))
+        per_stat = [getattr(summary, s)[order][:, keep[s]] for s in wanted]  # n_p × its markers
+        values.append(np.concatenate(per_stat, axis=1).reshape(-1).astype(np.float64))
     if not names:
         return pd.DataFrame(columns=["population", "marker", "statistic", "value"])
     return pd.DataFrame({"population": np.concatenate(names), "marker": np.concatenate(marks),
@@ -236,10 +261,12 @@ def positivity_thresholds(
     return _thresholds(summary, markers)
 
 
-def _thresholds(summary: _Summary, markers: Sequence[str]) -> dict[tuple[str, str], float]:
+def _thresholds(summary: _Summary, markers: Sequence[str], keep: np.ndarray | None = None
+                ) -> dict[tuple[str, str], float]:
+    cols = range(len(markers)) if keep is None else keep
     return {
-        (p, m): float(summary.quantile[i, j])
+        (p, markers[j]): float(summary.quantile[i, j])
         for i, p in enumerate(summary.populations)
-        for j, m in enumerate(markers)
+        for j in cols
         if not np.isnan(summary.quantile[i, j])
     }
