@@ -7,7 +7,8 @@ cache (warm: the files were just written, so this is the CPU cost of parsing) an
 (cold: each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` first, as for
 a cohort read for the first time). The pipeline likewise; the default (2 workers, from disk)
 runs first, so it pays for starting the worker pool as a command-line run does. Also: 1 vs 2
-workers, and the memory of the pool's processes, polled from /proc by another process in an
+workers; a run with the gating frozen (as when a model scores new patients: no gates are
+fitted); and the memory of the pool's processes, polled from /proc by another process in an
 extra 2-worker run (a watcher in this process would slow the timed runs): peak private memory
 (what a worker adds; pages it shares with the process it was forked from are not counted)
 and peak resident memory (shared pages too).
@@ -93,8 +94,15 @@ def run(quick: bool = False) -> list[BenchResult]:
             if cold:
                 _evict(paths)
             t0 = time.perf_counter()
-            extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
+            fs = extract_features(sheet, panel, config=FeatureConfig(n_jobs=workers))
             timings[workers, cold] = time.perf_counter() - t0
+        # New patients scored with a model's frozen gating: no subsample to draw, no gates to fit.
+        for cold in (True, False):
+            if cold:
+                _evict(paths)
+            t0 = time.perf_counter()
+            extract_features(sheet, panel, config=FeatureConfig(n_jobs=2), gating=fs.gating)
+            timings["frozen", cold] = time.perf_counter() - t0
         with DescendantPeakMemory() as mem:  # the workers' memory, in a run of its own
             extract_features(sheet, panel, config=FeatureConfig(n_jobs=2))
     return [
@@ -109,6 +117,10 @@ def run(quick: bool = False) -> list[BenchResult]:
                     "reading the files once (page cache)", "ratio ≤ 3"),
         BenchResult("features, 2 workers", timings[2, False], "s", timings[1, False], "1 worker",
                     "ratio ≈ 0.5–0.6"),
+        BenchResult("frozen gating (scoring) from disk, 2 workers", timings["frozen", True], "s",
+                    read_cold, "reading the files once from disk"),
+        BenchResult("frozen gating (scoring), 2 workers (page cache)", timings["frozen", False],
+                    "s", read_warm, "reading the files once (page cache)"),
         BenchResult("throughput, 2 workers", n_events / timings[2, False] / 1e6, "M events/s",
                     n_events / read_warm / 1e6, "read throughput (page cache)"),
         BenchResult("peak private memory of a worker (USS)", mem.private_mb, "MiB",
