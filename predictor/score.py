@@ -284,7 +284,8 @@ def score_samples(
         partial = Path(out).with_name(f".{Path(out).name}.partial")
         cache = partial
     fs = extract_features(sheet, panel, config=fc, gating=gating, cache=cache,
-                          scheduler=scheduler, progress=progress, strict_reference=False)
+                          scheduler=scheduler, progress=progress, strict_reference=False,
+                          random_state=bundle.seed)  # each file cleaned as in training
     if covariates is not None:
         fs = with_covariates(fs, covariates, table, source=clinical)
     scores = score_features(bundle, fs.X)

@@ -109,5 +109,5 @@ def model_parts(gating, panel) -> dict:
         "info": {"threshold": 0.5, "calibration": {"method": "platt", "a": 1.0, "b": 0.0}},
         "oof": oof,
         "metrics": {"auroc": {"estimate": np.float64(0.8)}},
-        "experiment": {"name": "tiny"},
+        "experiment": {"name": "tiny", "seed": 3},
     }

@@ -57,6 +57,7 @@ def test_round_trip_gives_identical_predictions(tmp_path, model_parts, make_pbmc
     assert b.threshold == 0.5 and b.meta["calibration"] == {"method": "platt", "a": 1.0, "b": 0.0}
     assert b.feature_config == model_parts["feature_config"]
     assert b.feature_config.median_markers == ("functional", "CD3")
+    assert b.seed == 3  # the training's seed: scoring cleans each file as training did
     on_dask = {**model_parts, "feature_config": replace(model_parts["feature_config"],
                                                         scheduler="tcp://10.0.0.5:8786")}
     assert load_bundle(save_bundle(tmp_path, "il7", **on_dask)).feature_config == b.feature_config

@@ -75,6 +75,26 @@ def test_process_pool_matches_inline(tiny):
     pd.testing.assert_frame_equal(a.populations, b.populations)
 
 
+def test_frozen_gating_cleans_each_file_as_the_fitted_run_did(tiny, monkeypatch):
+    """Without pass 1 (a model's frozen gating) each file's cleanup is fitted on the events
+    pass 1 would have read: the same thresholds, so the same features as in training, and
+    not the thresholds of all its events."""
+    sheet, panel = tiny
+    monkeypatch.setattr(cohort, "CLEANUP_FIT_EVENTS", 300)  # files have ~1000 events
+    kw = {"config": FeatureConfig(n_jobs=1), "max_cells_per_sample": 200, "random_state": 7}
+    fitted = extract_features(sheet, panel, **kw)
+    frozen = extract_features(sheet, panel, gating=fitted.gating, **kw)
+    pd.testing.assert_frame_equal(frozen.qc, fitted.qc)
+    pd.testing.assert_frame_equal(frozen.X, fitted.X)
+    cols = [c for c in fitted.qc if c.startswith("threshold_")]
+    path = sheet["path"].iloc[0]
+    _, _, qc_all = cohort.load_sample(path, panel)  # fitted on every event instead
+    assert [qc_all[c] for c in cols] != fitted.qc.loc[0, cols].tolist()
+    other_seed = extract_features(sheet, panel, gating=fitted.gating,
+                                  **{**kw, "random_state": 8})
+    assert not other_seed.qc[cols].equals(fitted.qc[cols])
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from distributed import LocalCluster

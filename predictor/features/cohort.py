@@ -152,26 +152,36 @@ def spread_rows(n_events: int, n_rows: int, rng: np.random.Generator, *,
     return np.concatenate([np.arange(a, a + m) for a, m in zip(starts, lengths, strict=True)])
 
 
+def _fit_rows(n_events: int, max_events: int, seed: Sequence[int]) -> np.ndarray:
+    """The events cleanup thresholds are fitted on when a file has more than ``max_events``."""
+    return spread_rows(n_events, max_events, np.random.default_rng([*seed, 1]))
+
+
 def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
-                max_events: int | None = None, seed: Sequence[int] = (0,)
+                max_events: int | None = None, seed: Sequence[int] = (0,),
+                fit_events: int | None = None
                 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """Read one FCS file and find its cleanup mask: (raw events, mask of kept events, QC row).
 
     ``thresholds`` fixes the cleanup thresholds (e.g. those pass 1 found for this file);
     ``max_events`` keeps that many of the file's events, in stretches spread over the file
-    (:func:`spread_rows`, placed with ``seed``). The QC row has the thresholds used as
+    (:func:`spread_rows`, placed with ``seed``). Without ``thresholds``, ``fit_events`` fits
+    them on that many of the events (the same ones ``max_events`` would keep, so the same
+    thresholds) and applies them to all. The QC row has the thresholds used as
     ``threshold_<key>``.
     """
     rows, header = None, None
     if max_events is not None:
         header = read_fcs_header(path)
         if header.n_events > max_events:
-            rows = spread_rows(header.n_events, max_events, np.random.default_rng([*seed, 1]))
+            rows = _fit_rows(header.n_events, max_events, seed)
     if rows is None:  # every event, read straight into the panel's channel-major block
         raw, quirks = read_panel_events(path, panel)
     else:
         sample = read_fcs(path, warn=False, rows=rows, header=header)
         raw, quirks = apply_panel(sample, panel), sample.quirks
+    if thresholds is None and fit_events is not None and len(raw) > fit_events:
+        _, _, thresholds = cleanup_mask(raw.iloc[_fit_rows(len(raw), fit_events, seed)], panel)
     keep, qc, used = cleanup_mask(raw, panel, thresholds=thresholds)
     qc = {**qc, "quirks": "; ".join(quirks)}  # quirks go to the QC table, not a warning
     return raw, keep, qc | {f"threshold_{k}": v for k, v in used.items()}
@@ -179,17 +189,18 @@ def load_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None 
 
 def clean_sample(path: str, panel: Panel, *, thresholds: dict[str, float] | None = None,
                  transformed: bool = True, max_cells: int | None = None,
-                 max_events: int | None = None, seed: Sequence[int] = (0,)
+                 max_events: int | None = None, seed: Sequence[int] = (0,),
+                 fit_events: int | None = None
                  ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read one FCS file, apply the panel and the cleanup gates: (clean cells, QC row).
 
     ``transformed=False`` returns the kept cells raw; ``max_cells`` returns a random subset of
     the kept cells (drawn with ``seed``), and only that subset is gathered and transformed;
-    ``max_events`` cleans a random subset of the file's events only (see
-    :func:`load_sample`).
+    ``max_events`` cleans a random subset of the file's events only, ``fit_events`` fits
+    the cleanup on one (see :func:`load_sample`).
     """
     raw, keep, qc = load_sample(path, panel, thresholds=thresholds, max_events=max_events,
-                                seed=seed)
+                                seed=seed, fit_events=fit_events)
     rows = keep
     if max_cells is not None and qc["kept"] > max_cells:
         at = np.flatnonzero(keep)
@@ -248,6 +259,11 @@ def _cached(cache_dir, make_key, compute):
     return (tables, data), False
 
 
+def _draw(random_state: int, sample_id: str) -> tuple[int, int]:
+    """The seed of a sample's random draws: its own, whatever the order of the samples."""
+    return random_state, zlib.crc32(str(sample_id).encode())
+
+
 def _pass1(job):
     """Clean one sample and draw its share of the pooled subsample gates are fitted on.
 
@@ -259,8 +275,7 @@ def _pass1(job):
     digest = file_digest(path) if cache_dir is not None else None
 
     def compute():
-        draw = (seed, zlib.crc32(str(sample_id).encode()))  # order-independent
-        cells, qc = clean_sample(path, panel, max_cells=max_cells, seed=draw,
+        cells, qc = clean_sample(path, panel, max_cells=max_cells, seed=_draw(seed, sample_id),
                                  max_events=max(CLEANUP_FIT_EVENTS, max_cells))
         return {"cells": cells}, {"qc": qc}
 
@@ -283,6 +298,10 @@ class _SampleJob:
     cleanup: dict[str, float] | None = None  # pass 1's cleanup thresholds for this file
     positivity: dict[tuple[str, str], float] | None = None  # from the unstimulated partner
     reference: bool = False  # also return this sample's positivity thresholds
+    # Without pass 1 (a frozen gating): the cleanup is fitted on the events pass 1 would
+    # have read (``fit_events`` of them, placed by ``draw``), so it finds the same thresholds.
+    draw: tuple[int, int] = (0, 0)
+    fit_events: int = CLEANUP_FIT_EVENTS
 
 
 def _pass2(job):
@@ -299,13 +318,15 @@ def _pass2(job):
                if m in {*median_markers, *frac_markers}]
     chosen = {"median_markers": median_markers, "frac_pos_markers": frac_markers}
 
+    fit = {"thresholds": sj.cleanup, "seed": sj.draw, "fit_events": sj.fit_events}
+
     def compute():
         if gated:  # gate every event raw; removed events join no population
-            cells, keep, qc = load_sample(sj.path, panel, thresholds=sj.cleanup)
+            cells, keep, qc = load_sample(sj.path, panel, **fit)
             membership = gate_masks(gating, cells, batch=sj.batch, cofactors=cof, live=keep)
             n_live = int(np.count_nonzero(keep))
         else:
-            cells, qc = clean_sample(sj.path, panel, thresholds=sj.cleanup)
+            cells, qc = clean_sample(sj.path, panel, **fit)
             membership, n_live = gating.apply(cells), None
         pops = population_table(gating, membership, sample_id=sj.sample_id, n_live=n_live)
         data: dict[str, Any] = {"qc": qc}
@@ -326,6 +347,7 @@ def _pass2(job):
     def key():
         return settings_digest(
             "pass2", sj.digest or file_digest(sj.path), sj.batch, sj.cleanup,
+            (sj.draw, sj.fit_events) if sj.cleanup is None else None,
             sorted(sj.positivity.items()) if sj.positivity else None, sj.reference,
             panel.table.to_dict("list"), gating.to_dict(), median_markers, frac_markers,
             list(cfg.statistics),
@@ -409,7 +431,8 @@ def extract_features(
     progress
         Show progress bars.
     random_state
-        Seed of the subsampling.
+        Seed of the subsampling, and of the events each file's cleanup is fitted on. With a
+        frozen ``gating``, the training's seed gives each file the cleanup it had in training.
     strict_reference
         With ``frac_pos_reference = "unstim"``, a stimulated sample without its unstimulated
         partner is an error (training); ``False`` gives it missing fractions positive instead
@@ -461,8 +484,11 @@ def extract_features(
                 gating = fit_gating(subsamples, template, random_state=random_state,
                                     batches=batches if len(set(batches)) > 1 else None)
         prefetch.start()  # a frozen gating: nothing was fitted
+        fit_events = max(CLEANUP_FIT_EVENTS, max_cells_per_sample)  # as pass 1 reads
         sample_jobs = {
-            sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None))) for sid, p, b in rows
+            sid: _SampleJob(sid, p, b, *pass1.get(sid, (None, None)),
+                            draw=_draw(random_state, sid), fit_events=fit_events)
+            for sid, p, b in rows
         }
         results = {}
 

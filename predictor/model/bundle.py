@@ -83,6 +83,14 @@ class Bundle:
     def version(self) -> int:
         return int(self.meta["version"])
 
+    @property
+    def seed(self) -> int:
+        """The training's seed (of its subsampling): 0 when the bundle does not say."""
+        try:
+            return int(json.loads((self.path / "experiment.json").read_text()).get("seed", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
     def train_features(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "features_train.parquet")
 
