@@ -314,8 +314,9 @@ def _pass2(job):
     gated = isinstance(gating, Gating)
     cof = panel.cofactors() if gated else None
     median_markers, frac_markers = feature_markers(panel, cfg)
-    markers = [m for m in panel.by_role("lineage", "functional")
-               if m in {*median_markers, *frac_markers}]
+    summarised = {*(median_markers if "median" in cfg.statistics else ()),
+                  *(frac_markers if "frac_pos" in cfg.statistics else ())}
+    markers = [m for m in panel.by_role("lineage", "functional") if m in summarised]
     chosen = {"median_markers": median_markers, "frac_pos_markers": frac_markers}
 
     fit = {"thresholds": sj.cleanup, "seed": sj.draw, "fit_events": sj.fit_events}
